@@ -1,0 +1,301 @@
+"""Running observation normalisation and reward scaling.
+
+:class:`RunningMeanStd` keeps ``(count, mean, var)`` of everything it has seen in
+float64 and merges a new batch with Chan et al.'s parallel update (exact, in any
+order of batches, so statistics from several ranks merge the same way):
+
+    δ = μ_b − μ,  n' = n + n_b,  μ' = μ + δ n_b / n',
+    σ'² = (n σ² + n_b σ_b² + δ² n n_b / n') / n'            (population variances)
+
+:class:`RewardScaler` divides rewards by the running standard deviation of the
+discounted return ``R_t = γ R_{t−1} + r_t`` (reset to 0 after an episode ends),
+as SB3's ``VecNormalize`` and gymnasium's ``NormalizeReward`` do; rewards are
+not centred, so their sign and the optimal policy are unchanged.
+
+Both have a ``frozen`` flag (for evaluation: statistics are used, never updated)
+and ``state_dict()`` / ``load_state_dict()`` of plain tensors, so checkpoints load
+with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["RewardScaler", "RunningMeanStd"]
+
+
+def _as_float64(x: Tensor | np.ndarray | Sequence[float]) -> Tensor:
+    return torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float64)
+
+
+class RunningMeanStd:
+    """Running mean and (population) variance of a stream of arrays of shape ``shape``.
+
+    Starts at ``count = 0, mean = 0, var = 1`` so that :meth:`normalize` is the
+    identity (up to clipping) until the first :meth:`update`.
+
+    Args:
+        shape: Shape of one sample (``()`` for scalars).
+        epsilon: Added to the variance in :meth:`normalize`.
+        clip: Normalised values are clipped to ``[−clip, clip]`` (``None``: no clipping).
+        frozen: If true, :meth:`update` does nothing (evaluation mode).
+
+    Attributes:
+        count: Number of samples seen (float64 scalar tensor).
+        mean: ``shape`` float64 mean.
+        var: ``shape`` float64 population variance.
+        frozen: The evaluation flag; may be set at any time.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int] = (),
+        *,
+        epsilon: float = 1e-8,
+        clip: float | None = 10.0,
+        frozen: bool = False,
+    ):
+        if epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        if clip is not None and clip <= 0:
+            raise ValueError(f"clip must be positive or None, got {clip}")
+        self.shape = tuple(int(s) for s in shape)
+        self.epsilon = float(epsilon)
+        self.clip = clip
+        self.frozen = bool(frozen)
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.mean = torch.zeros(self.shape, dtype=torch.float64)
+        self.var = torch.ones(self.shape, dtype=torch.float64)
+        self._cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+    # -- statistics ------------------------------------------------------------
+
+    @staticmethod
+    def moments(x: Tensor | np.ndarray) -> tuple[Tensor, Tensor, int]:
+        """``(mean, population var, count)`` of a batch ``(B, *shape)`` in float64."""
+        x = _as_float64(x)
+        if x.ndim == 0:
+            raise ValueError("x must have a leading batch dimension")
+        return x.mean(0), x.var(0, correction=0), int(x.shape[0])
+
+    def update(self, x: Tensor | np.ndarray) -> None:
+        """Merge a batch ``x`` of shape ``(B, *shape)`` (no-op when frozen or ``B = 0``).
+
+        Raises:
+            ValueError: If ``x`` has the wrong shape or is not finite.
+        """
+        x = _as_float64(x)
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"x must have shape (B, *{self.shape}), got {tuple(x.shape)}")
+        if self.frozen or x.shape[0] == 0:
+            return
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains non-finite values; refusing to update the statistics")
+        self.update_from_moments(*self.moments(x))
+
+    def update_from_moments(
+        self, batch_mean: Tensor, batch_var: Tensor, batch_count: float | Tensor
+    ) -> None:
+        """Merge a batch given by its moments (parallel update; no-op when frozen).
+
+        This is the merge a distributed run uses after all-reducing per-rank
+        moments (or merging :meth:`state_dict` s of other ranks).
+
+        Args:
+            batch_mean: ``shape`` mean of the batch.
+            batch_var: ``shape`` population variance of the batch.
+            batch_count: Number of samples in the batch (≥ 0).
+        """
+        if self.frozen:
+            return
+        batch_mean, batch_var = _as_float64(batch_mean), _as_float64(batch_var)
+        batch_count = _as_float64(batch_count)
+        if batch_count < 0:
+            raise ValueError(f"batch_count must be >= 0, got {float(batch_count)}")
+        if batch_count == 0:
+            return
+        total = self.count + batch_count
+        delta = batch_mean - self.mean
+        m2 = (
+            self.var * self.count
+            + batch_var * batch_count
+            + delta**2 * self.count * batch_count / total
+        )
+        self.mean = self.mean + delta * (batch_count / total)
+        self.var = m2 / total
+        self.count = total
+        self._cache.clear()
+
+    def merge(self, other: RunningMeanStd) -> None:
+        """Merge the statistics of another :class:`RunningMeanStd` into this one."""
+        self.update_from_moments(other.mean, other.var, other.count)
+
+    @property
+    def std(self) -> Tensor:
+        """``sqrt(var + epsilon)``, the scale :meth:`normalize` divides by."""
+        return torch.sqrt(self.var + self.epsilon)
+
+    # -- use -------------------------------------------------------------------
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """``clamp((x − mean) / sqrt(var + ε), −clip, clip)`` in the dtype and device of ``x``.
+
+        Computed as ``(x − mean) · (1/sqrt(var + ε))`` with both factors cast once
+        to ``x``'s dtype, so the result is elementwise identical whatever the batch.
+
+        Args:
+            x: ``(*B, *shape)`` tensor (floating point; integer inputs give float32).
+
+        Returns:
+            The normalised tensor, same shape as ``x``.
+        """
+        if not x.is_floating_point():
+            x = x.to(torch.float32)
+        key = (x.dtype, x.device)
+        cached = self._cache.get(key)
+        if cached is None:
+            # Cast once per (dtype, device) and statistics version, not per call:
+            # this runs once per environment step.
+            cached = (
+                self.mean.to(dtype=x.dtype, device=x.device),
+                (1.0 / self.std).to(dtype=x.dtype, device=x.device),
+            )
+            self._cache[key] = cached
+        mean, inv_std = cached
+        out = (x - mean) * inv_std
+        if self.clip is not None:
+            out = out.clamp_(-self.clip, self.clip)
+        return out
+
+    def denormalize(self, y: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize` without clipping: ``y·sqrt(var + ε) + mean``."""
+        return y * self.std.to(y) + self.mean.to(y)
+
+    # -- checkpointing ---------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """``{"count", "mean", "var"}`` as float64 tensors (``weights_only``-loadable)."""
+        return {"count": self.count.clone(), "mean": self.mean.clone(), "var": self.var.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore from :meth:`state_dict` (allowed even when frozen).
+
+        Raises:
+            ValueError: If keys or shapes do not match.
+        """
+        missing = {"count", "mean", "var"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing keys {sorted(missing)}")
+        mean, var, count = (_as_float64(state[k]) for k in ("mean", "var", "count"))
+        if tuple(mean.shape) != self.shape or tuple(var.shape) != self.shape or count.ndim != 0:
+            raise ValueError(
+                f"state shapes do not match: mean {tuple(mean.shape)}, var {tuple(var.shape)}, "
+                f"count {tuple(count.shape)}, expected {self.shape} and ()"
+            )
+        self.count, self.mean, self.var = count.clone(), mean.clone(), var.clone()
+        self._cache.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"RunningMeanStd(shape={self.shape}, count={float(self.count):g}, frozen={self.frozen})"
+        )
+
+
+class RewardScaler:
+    """Scale rewards by the running std of the discounted return (not centred).
+
+    For each env, ``R_t = γ R_{t−1} + r_t`` with ``R`` reset to 0 after a step
+    whose ``done`` (termination or truncation) is true; the variance of all
+    ``R_t`` seen so far is tracked by a :class:`RunningMeanStd`, and the scaled
+    reward is ``r_t / sqrt(var(R) + ε)`` (optionally clipped to ``±clip``).
+
+    A rollout is scaled in one call (:meth:`scale` on ``(T, N)``): the statistics
+    are updated with the ``T·N`` returns first, then every reward of the rollout
+    is divided by the same std, so one batch uses one scale.
+
+    Args:
+        gamma: Discount of the return (use the agent's γ).
+        n_envs: Number of parallel envs ``N``.
+        epsilon: Added to the variance.
+        clip: Scaled rewards are clipped to ``[−clip, clip]`` (``None``: no clipping).
+        frozen: If true, neither the return accumulator nor the statistics change.
+    """
+
+    def __init__(
+        self,
+        gamma: float,
+        n_envs: int,
+        *,
+        epsilon: float = 1e-8,
+        clip: float | None = None,
+        frozen: bool = False,
+    ):
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if n_envs <= 0:
+            raise ValueError(f"n_envs must be positive, got {n_envs}")
+        if clip is not None and clip <= 0:
+            raise ValueError(f"clip must be positive or None, got {clip}")
+        self.gamma = float(gamma)
+        self.n_envs = int(n_envs)
+        self.clip = clip
+        self.frozen = bool(frozen)
+        self.return_rms = RunningMeanStd((), epsilon=epsilon, clip=None)
+        self.returns = np.zeros(self.n_envs, dtype=np.float64)
+
+    def scale(self, rewards: Tensor, dones: Tensor) -> Tensor:
+        """Scale a ``(T, N)`` block of rewards (or one ``(N,)`` step).
+
+        Args:
+            rewards: ``(T, N)`` or ``(N,)`` raw rewards (finite).
+            dones: Same shape, bool: the episode ended at that step (terminated or truncated).
+
+        Returns:
+            Scaled rewards, same shape, dtype and device as ``rewards``.
+        """
+        if rewards.shape != dones.shape or rewards.shape[-1] != self.n_envs or rewards.ndim > 2:
+            raise ValueError(
+                f"rewards and dones must both be (T, {self.n_envs}) or ({self.n_envs},), got "
+                f"{tuple(rewards.shape)} and {tuple(dones.shape)}"
+            )
+        r = _as_float64(rewards).reshape(-1, self.n_envs).numpy()
+        d = torch.as_tensor(dones).cpu().reshape(-1, self.n_envs).numpy().astype(bool)
+        if not self.frozen:
+            ret = self.returns.copy()
+            seen = np.empty_like(r)
+            # A short loop over time (N-wide numpy ops): the recurrence is sequential.
+            for t in range(r.shape[0]):
+                ret *= self.gamma
+                ret += r[t]
+                seen[t] = ret
+                ret[d[t]] = 0.0
+            self.returns = ret
+            self.return_rms.update(seen.reshape(-1))
+        out = rewards / self.return_rms.std.to(dtype=rewards.dtype, device=rewards.device)
+        if self.clip is not None:
+            out = out.clamp(-self.clip, self.clip)
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Return-accumulator and statistics as plain tensors (``weights_only``-loadable)."""
+        state = {f"return_{k}": v for k, v in self.return_rms.state_dict().items()}
+        state["returns"] = torch.from_numpy(self.returns.copy())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore from :meth:`state_dict`."""
+        if "returns" not in state:
+            raise ValueError("state is missing key 'returns'")
+        returns = _as_float64(state["returns"])
+        if tuple(returns.shape) != (self.n_envs,):
+            raise ValueError(
+                f"state['returns'] must have shape ({self.n_envs},), got {tuple(returns.shape)}"
+            )
+        self.return_rms.load_state_dict(
+            {k: state[f"return_{k}"] for k in ("count", "mean", "var") if f"return_{k}" in state}
+        )
+        self.returns = returns.numpy().copy()
