@@ -1,0 +1,465 @@
+"""Crash-safe, tamper-evident, unpickling-safe checkpoints (issue 6).
+
+Layout inside a run directory::
+
+    RUN_DIR/checkpoints/ckpt_000123.pt          torch.save of a plain state dict (update 123)
+    RUN_DIR/checkpoints/ckpt_000123.pt.sha256   JSON record {"sha256": ..., "size": ..., ...}
+
+Guarantees:
+
+- **Atomic**: the bytes go to a temporary file in the same directory, which is flushed and
+  fsynced, then renamed over the target with ``os.replace`` and the directory is fsynced. The
+  record is written the same way *before* the checkpoint, so a kill at any instant leaves
+  either the previous checkpoint as the newest valid one or the new one complete with its
+  record; never a half-written file under a checkpoint name.
+- **Verified**: :func:`load_checkpoint` checks size and SHA-256 against the record and raises
+  :class:`CheckpointError` naming the file on any mismatch (truncation, flipped bytes).
+  :func:`load_latest_checkpoint` falls back to the previous valid checkpoint.
+- **No arbitrary code**: loading uses ``torch.load(weights_only=True)`` only, so a crafted
+  pickle is refused. States must therefore be plain data (tensors, dicts, lists, tuples,
+  numbers, strings, None); :func:`save_checkpoint` checks this before writing.
+  :func:`capture_rng_state` / :func:`restore_rng_state` convert RNG states to such data.
+
+Example:
+    >>> import tempfile, torch
+    >>> run_dir = tempfile.mkdtemp()
+    >>> p = save_run_checkpoint(run_dir, 7, {"update": 7, "w": torch.ones(2)})
+    >>> p.name
+    'ckpt_000007.pt'
+    >>> load_latest_checkpoint(run_dir).state["update"]
+    7
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT_DIRNAME",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "capture_rng_state",
+    "checkpoint_path",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_latest_checkpoint",
+    "prune_checkpoints",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_run_checkpoint",
+    "verify_checkpoint",
+]
+
+CHECKPOINT_DIRNAME = "checkpoints"
+"""Sub-directory of a run directory that holds its checkpoints."""
+
+_RECORD_SUFFIX = ".sha256"
+_TMP_PREFIX = ".tmp_"
+_NAME_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+_FORMAT_VERSION = 1
+# Types torch.load(weights_only=True) reconstructs without custom globals.
+_PLAIN_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+_PLAIN_CONTAINERS = (list, tuple, set)
+_PLAIN_DICTS = (dict, collections.OrderedDict)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupted, truncated, unverifiable or not plain data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedCheckpoint:
+    """Result of :func:`load_latest_checkpoint`.
+
+    Attributes:
+        path: the checkpoint that was loaded.
+        update: its update index (from the file name).
+        state: the loaded state dict.
+        skipped: ``(path, reason)`` of every newer checkpoint that failed verification or
+            loading and was passed over, newest first (log these: they are lost updates).
+    """
+
+    path: Path
+    update: int
+    state: dict[str, Any]
+    skipped: tuple[tuple[Path, str], ...] = ()
+
+
+# --- paths ----------------------------------------------------------------------------------
+def checkpoint_path(run_dir: str | os.PathLike[str], update: int) -> Path:
+    """``run_dir/checkpoints/ckpt_{update:06d}.pt`` (more digits past 999999)."""
+    if isinstance(update, bool) or not isinstance(update, int) or update < 0:
+        raise ValueError(f"update must be an int ≥ 0 (got {update!r})")
+    return Path(run_dir) / CHECKPOINT_DIRNAME / f"ckpt_{update:06d}.pt"
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + _RECORD_SUFFIX)
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(update, path)`` of every file named like a checkpoint, newest (highest update) first.
+
+    Files are not verified; temporary files of interrupted writes are never listed.
+    """
+    directory = Path(run_dir) / CHECKPOINT_DIRNAME
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME_RE.match(p.name))]
+    return sorted(found, key=lambda t: t[0], reverse=True)
+
+
+# --- plain-data check -------------------------------------------------------------------------
+def _check_plain(obj: Any, where: str) -> None:
+    """Raise ValueError naming the first value ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
+            raise ValueError(f"{where}: tensor subclass {type(obj).__name__} is not plain data")
+        return
+    if isinstance(obj, torch.Size) or type(obj) in _PLAIN_SCALARS:
+        return
+    if type(obj) in _PLAIN_DICTS:
+        for k, v in obj.items():
+            if type(k) not in (str, int, bool, float, tuple, type(None)):
+                raise ValueError(f"{where}: key {k!r} of type {type(k).__name__} is not plain")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in _PLAIN_CONTAINERS:
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    hint = ""
+    if isinstance(obj, np.ndarray):
+        hint = " (convert with torch.from_numpy)"
+    elif isinstance(obj, np.generic):
+        hint = " (convert with .item())"
+    raise ValueError(
+        f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not plain data that "
+        f"torch.load(weights_only=True) can read{hint}"
+    )
+
+
+# --- atomic write -----------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every OS/filesystem (e.g. Windows).
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + ``os.replace`` + directory fsync."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX + path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Atomically write ``state`` to ``path`` with its size/SHA-256 record beside it.
+
+    Order: serialise in memory → write the record atomically → write the checkpoint
+    atomically. A kill before the last rename leaves the old file (if any) in place; if it
+    had the same name, its record no longer matches and it is treated as corrupted, so
+    loading falls back to the previous checkpoint, never to unverified bytes.
+
+    Args:
+        path: destination file; its directory is created if needed.
+        state: plain data only (see module docstring); nested dicts, lists, tensors, ...
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ValueError: naming the key path of the first value that is not plain data.
+    """
+    path = Path(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be a dict (got {type(state).__name__})")
+    _check_plain(state, "state")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    record = {
+        "file": path.name,
+        "format": _FORMAT_VERSION,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "torch": torch.__version__,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(_record_path(path), (json.dumps(record, indent=1) + "\n").encode())
+    _atomic_write(path, data)
+    return path
+
+
+# --- verified load ----------------------------------------------------------------------------
+def _read_verified(path: Path, verify: bool) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
+    if not verify:
+        return data
+    record_path = _record_path(path)
+    try:
+        record = json.loads(record_path.read_text())
+        expected_size, expected_sha = int(record["size"]), str(record["sha256"])
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {path} has no checksum record {record_path.name}; it may be from an "
+            "interrupted write (pass verify=False to load it unchecked)"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checksum record {record_path} is unreadable: {e}") from None
+    if len(data) != expected_size:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupted: {len(data)} bytes, "
+            f"its record says {expected_size}"
+        )
+    sha = hashlib.sha256(data).hexdigest()
+    if sha != expected_sha:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: SHA-256 {sha[:16]}… does not match its record "
+            f"{expected_sha[:16]}…"
+        )
+    return data
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Check ``path`` against its size/SHA-256 record without unpickling anything.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong.
+    """
+    _read_verified(Path(path), verify=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: Any = "cpu", *, verify: bool = True
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    The file is read once; its size and SHA-256 are checked against the record (``verify``),
+    then the same bytes are deserialised with ``torch.load(weights_only=True)``, which
+    refuses any pickled object other than plain data; nothing in the file is executed.
+
+    Args:
+        path: the checkpoint file.
+        map_location: passed to ``torch.load`` (default: everything on CPU).
+        verify: check the size/SHA-256 record (False: for a file copied without it).
+
+    Returns:
+        The state dict.
+
+    Raises:
+        CheckpointError: naming the file, if it is missing, fails verification, is not a
+            torch file, contains non-plain objects (e.g. a crafted pickle), or is not a dict.
+    """
+    path = Path(path)
+    data = _read_verified(path, verify)
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} was refused by torch.load(weights_only=True): {first_line}"
+        ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that passes :func:`verify_checkpoint`, or None.
+
+    Corrupted, truncated or unrecorded newer files are passed over (use
+    :func:`load_latest_checkpoint` to also learn which and why).
+    """
+    for _, path in list_checkpoints(run_dir):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def load_latest_checkpoint(
+    run_dir: str | os.PathLike[str], map_location: Any = "cpu"
+) -> LoadedCheckpoint:
+    """Load the newest checkpoint of ``run_dir`` that verifies and loads, newest first.
+
+    Raises:
+        CheckpointError: if there is none; the message lists every file tried and why it
+            failed.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for update, path in list_checkpoints(run_dir):
+        try:
+            state = load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+            continue
+        return LoadedCheckpoint(path=path, update=update, state=state, skipped=tuple(skipped))
+    where = Path(run_dir) / CHECKPOINT_DIRNAME
+    if not skipped:
+        raise CheckpointError(f"no checkpoint found in {where}")
+    reasons = "; ".join(reason for _, reason in skipped)
+    raise CheckpointError(f"no valid checkpoint in {where}: {reasons}")
+
+
+# --- rotation -----------------------------------------------------------------------------------
+def prune_checkpoints(
+    run_dir: str | os.PathLike[str], keep: int = 3, *, protect: Path | None = None
+) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints, their records, orphan records and
+    leftover temporary files of interrupted writes.
+
+    Args:
+        run_dir: the run directory.
+        keep: checkpoints to keep (≥ 1).
+        protect: a checkpoint never deleted (the one just written).
+
+    Returns:
+        The deleted paths.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be a positive int (got {keep!r})")
+    directory = Path(run_dir) / CHECKPOINT_DIRNAME
+    if not directory.is_dir():
+        return []
+    doomed = [p for _, p in list_checkpoints(run_dir)[keep:] if p != protect]
+    doomed += [_record_path(p) for p in doomed]
+    for p in directory.iterdir():
+        if p.name.startswith(_TMP_PREFIX):
+            doomed.append(p)
+        elif p.name.endswith(_RECORD_SUFFIX):
+            if not p.with_name(p.name[: -len(_RECORD_SUFFIX)]).exists():  # orphan record
+                doomed.append(p)
+    deleted = []
+    for p in dict.fromkeys(doomed):  # de-duplicate, keep order
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            deleted.append(p)
+    return deleted
+
+
+def save_run_checkpoint(
+    run_dir: str | os.PathLike[str], update: int, state: dict[str, Any], *, keep: int = 3
+) -> Path:
+    """Save ``state`` as the checkpoint of ``update`` in ``run_dir``, then keep the newest
+    ``keep``. Returns the checkpoint path."""
+    path = save_checkpoint(checkpoint_path(run_dir, update), state)
+    prune_checkpoints(run_dir, keep, protect=path)
+    return path
+
+
+# --- RNG states as plain data -------------------------------------------------------------------
+def _to_plain(x: Any) -> Any:
+    """numpy bit-generator state → plain data (arrays become tagged lists)."""
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _from_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        if set(x) == {"__ndarray__", "dtype"}:
+            return np.asarray(x["__ndarray__"], dtype=x["dtype"])
+        return {k: _from_plain(v) for k, v in x.items()}
+    return x
+
+
+def capture_rng_state(
+    *,
+    torch_generator: torch.Generator | None = None,
+    numpy_generator: np.random.Generator | None = None,
+    global_torch: bool = True,
+) -> dict[str, Any]:
+    """Snapshot RNG states as plain data for a checkpoint.
+
+    Args:
+        torch_generator: an explicit ``torch.Generator`` (its ``get_state()`` tensor).
+        numpy_generator: a ``numpy.random.Generator`` (its bit generator's state, arrays
+            converted to lists).
+        global_torch: also store torch's global CPU (and every CUDA device's) state, which
+            layers such as dropout or ``torch.randn`` without a generator draw from.
+
+    Returns:
+        A dict with the keys present among ``torch``, ``cuda``, ``torch_generator``, ``numpy``.
+    """
+    state: dict[str, Any] = {}
+    if global_torch:
+        state["torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = list(torch.cuda.get_rng_state_all())
+    if torch_generator is not None:
+        state["torch_generator"] = torch_generator.get_state()
+    if numpy_generator is not None:
+        state["numpy"] = _to_plain(numpy_generator.bit_generator.state)
+    return state
+
+
+def restore_rng_state(
+    state: dict[str, Any],
+    *,
+    torch_generator: torch.Generator | None = None,
+    numpy_generator: np.random.Generator | None = None,
+) -> None:
+    """Inverse of :func:`capture_rng_state`: set every RNG whose state is present.
+
+    Raises:
+        ValueError: if a generator is passed but its state is missing, or the numpy bit
+            generator kind differs from the saved one.
+    """
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if torch_generator is not None:
+        if "torch_generator" not in state:
+            raise ValueError("torch_generator given but the state holds no 'torch_generator'")
+        torch_generator.set_state(state["torch_generator"].cpu())
+    if numpy_generator is not None:
+        if "numpy" not in state:
+            raise ValueError("numpy_generator given but the state holds no 'numpy' state")
+        saved = _from_plain(state["numpy"])
+        kind = type(numpy_generator.bit_generator).__name__
+        if saved.get("bit_generator") != kind:
+            raise ValueError(
+                f"numpy_generator uses {kind} but the saved state is of "
+                f"{saved.get('bit_generator')!r}"
+            )
+        numpy_generator.bit_generator.state = saved
