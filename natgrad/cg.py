@@ -483,7 +483,9 @@ def cg_solve(
     done = finite & (rnorm <= tol)
     indefinite = finite & ~done & (rz <= 0)
     # Without M, rᵀr == 0 with ‖r‖ > tol can only be underflow: treat as converged.
-    code = torch.full(rnorm.shape, _CODE[CGStatus.MAX_ITERATIONS], dtype=torch.int8, device=b.device)
+    code = torch.full(
+        rnorm.shape, _CODE[CGStatus.MAX_ITERATIONS], dtype=torch.int8, device=b.device
+    )
     code = torch.where(~finite, nonfinite, code)
     code = torch.where(done, conv, code)
     code = torch.where(indefinite, conv if precond is None else bad_m, code)
