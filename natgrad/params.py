@@ -183,7 +183,7 @@ class ParamSpace:
         # view, so `view` never copies (and never fails) here.
         tail = flat.shape[1:]
         return {
-            name: flat[o : o + s].view(*shape, *tail)
+            name: flat[o : o + s].view((*shape, *tail))
             for name, shape, o, s in zip(self.names, self.shapes, self.offsets, self._sizes)
         }
 
