@@ -117,16 +117,16 @@ def test_case_matches_linalg_solve_and_scipy(name: str) -> None:
     assert res.status is CGStatus.CONVERGED
     assert bool(res.converged.all())
     ref = torch.linalg.solve(case.A, case.b)
-    cond = float(torch.linalg.cond(case.A))
+    # Forward error ≲ rtol × cond of the (Jacobi-)preconditioned system, ≤ ~40 here.
     err = torch.linalg.vector_norm(res.x - ref) / torch.linalg.vector_norm(ref)
-    assert err < 1e-11 * cond * 10
+    assert err < 1e-9
     # The recursive residual meets the documented rule, and the true one agrees.
     bnorm = torch.linalg.vector_norm(case.b, dim=0)
     assert bool((res.residual_norm <= 1e-11 * bnorm).all())
     true_r = torch.linalg.vector_norm(case.b - case.A @ res.x, dim=0)
     assert torch.allclose(true_r, res.residual_norm, rtol=0.0, atol=1e-9 * float(bnorm.max()))
     x_scipy = _scipy_cg(case.A, case.b, 1e-11, case.A if case.jacobi else None)
-    np.testing.assert_allclose(res.x.numpy(), x_scipy, rtol=0, atol=1e-8 * np.abs(x_scipy).max())
+    np.testing.assert_allclose(res.x.numpy(), x_scipy, rtol=0, atol=1e-10 * np.abs(x_scipy).max())
     assert res.x.shape == case.b.shape and res.x.dtype == F64
 
 
