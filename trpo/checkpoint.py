@@ -262,6 +262,20 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> None:
     _read_verified(Path(path), verify=True)
 
 
+def _unpickler_reason(e: BaseException) -> str:
+    """The informative line of a torch.load error (torch wraps it in generic advice)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines if ln]
+    for ln in lines:
+        if "WeightsUnpickler error:" in ln or "unsupported" in ln.lower():
+            reason = ln.split("WeightsUnpickler error:")[-1].strip().split(". Please use")[0]
+            if reason:
+                return reason.rstrip(".")
+    generic = ("Weights only load failed", "Please file an issue", "Check the documentation", "(")
+    specific = [ln for ln in lines if not ln.startswith(generic)]
+    return (specific or lines or [type(e).__name__])[0].rstrip(".")
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: Any = "cpu", *, verify: bool = True
 ) -> dict[str, Any]:
@@ -287,10 +301,12 @@ def load_checkpoint(
     data = _read_verified(path, verify)
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # UnpicklingError (refused global/opcode), RuntimeError (bad zip), ...
         raise CheckpointError(
-            f"checkpoint {path} was refused by torch.load(weights_only=True): {first_line}"
+            f"checkpoint {path} was refused by torch.load(weights_only=True): "
+            f"{_unpickler_reason(e)}. It is not plain tensor data: it is corrupted, or crafted "
+            "to run code when unpickled; never load it with weights_only=False unless you "
+            "trust its source"
         ) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
