@@ -134,7 +134,8 @@ def hessian_operator(
 
     Raises:
         ValueError: ``params`` is not a valid parameter mapping, or ``loss_fn``
-            does not return a scalar.
+            does not return a scalar (found at the first matvec: without
+            ``cache`` nothing is evaluated in the constructor).
     """
     space, primals = _detached(params)
 
