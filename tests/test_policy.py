@@ -258,3 +258,19 @@ def test_bad_hidden_sizes_and_family():
         make_critic(OBS_SPACE, hidden_sizes=(64, 0))
     with pytest.raises(ValueError, match="family"):
         entropy("gaussian", torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inference_fn_matches_forward_and_follows_in_place_updates(family):
+    actor = make_actor(OBS_SPACE, ACTION_SPACES[family], hidden_sizes=(16, 8))
+    fn = actor.inference_fn()
+    obs = torch.randn(B, 5)
+    torch.testing.assert_close(fn(obs), actor(obs), rtol=0, atol=0)
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(0.5)
+    torch.testing.assert_close(fn(obs), actor(obs), rtol=0, atol=0)
+    space = gym.spaces.Box(-1, 1, shape=(2, 3), dtype=np.float32)
+    actor2 = make_actor(space, ACTION_SPACES[family], hidden_sizes=(4,))
+    obs2 = torch.randn(3, 2, 3)
+    torch.testing.assert_close(actor2.inference_fn()(obs2), actor2(obs2), rtol=0, atol=0)

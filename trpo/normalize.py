@@ -159,11 +159,13 @@ class RunningMeanStd:
         cached = self._cache.get(key)
         if cached is None:
             # Cast once per (dtype, device) and statistics version, not per call:
-            # this runs once per environment step.
-            cached = (
-                self.mean.to(dtype=x.dtype, device=x.device),
-                (1.0 / self.std).to(dtype=x.dtype, device=x.device),
-            )
+            # this runs once per environment step. Built outside inference mode so
+            # that the cached factors are ordinary tensors usable under autograd too.
+            with torch.inference_mode(False):
+                cached = (
+                    self.mean.to(dtype=x.dtype, device=x.device),
+                    (1.0 / self.std).to(dtype=x.dtype, device=x.device),
+                )
             self._cache[key] = cached
         mean, inv_std = cached
         out = (x - mean) * inv_std

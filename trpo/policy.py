@@ -39,7 +39,7 @@ log(1 − U)``; Gaussian is ``mean + σ·ε``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -369,11 +369,21 @@ def _check_hidden_sizes(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
+def _mlp_forward(x: Tensor, weights: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """``W_L tanh(… tanh(W_1 x + b_1) …) + b_L`` for ``weights = ((W_1, b_1), …)``."""
+    last = len(weights) - 1
+    for i, (w, b) in enumerate(weights):
+        x = F.linear(x, w, b)
+        if i < last:
+            x = torch.tanh(x)
+    return x
+
+
 class _MLP(nn.Module):
     """tanh MLP whose forward calls ``F.linear`` on the layers' parameters directly.
 
     Calling the ``nn.Linear`` modules themselves would cost one ``Module.__call__``
-    (hook dispatch) per layer per environment step; reading ``layer.weight`` keeps
+    (hook dispatch) per layer; reading ``layer.weight`` at call time keeps
     :func:`torch.func.functional_call` working because it swaps those attributes.
     """
 
@@ -383,15 +393,16 @@ class _MLP(nn.Module):
         self.layers = _mlp_layers(sizes)
         _orthogonal_init(self.layers, last_gain)
 
-    def _trunk(self, obs: Tensor) -> Tensor:
+    def _flatten_obs(self, obs: Tensor) -> Tensor:
         if len(self.obs_shape) != 1:
             obs = obs.flatten(-len(self.obs_shape)) if self.obs_shape else obs.unsqueeze(-1)
-        layers = self.layers
-        x = obs
-        for layer in layers[:-1]:
-            x = torch.tanh(F.linear(x, layer.weight, layer.bias))
-        last = layers[-1]
-        return F.linear(x, last.weight, last.bias)
+        return obs
+
+    def _weights(self) -> tuple[tuple[Tensor, Tensor], ...]:
+        return tuple((layer.weight, layer.bias) for layer in self.layers)
+
+    def _trunk(self, obs: Tensor) -> Tensor:
+        return _mlp_forward(self._flatten_obs(obs), self._weights())
 
 
 class Actor(_MLP):
@@ -458,6 +469,39 @@ class Actor(_MLP):
         if family == "multi_categorical":
             return list(torch.split(out, self.nvec, dim=-1))
         return out
+
+    def inference_fn(self) -> Callable[[Tensor], DistParams]:
+        """A fast ``obs -> dist params`` closure over the *current* parameter tensors.
+
+        Same result as ``self(obs)`` without any ``nn.Module`` dispatch (the rollout
+        calls it once per env step, where that dispatch costs more than the math).
+        It sees in-place changes of the parameters (optimiser steps, ``copy_``) but
+        not replaced parameter objects (``functional_call``, ``load_state_dict(...,
+        assign=True)``), so build it anew for each rollout.
+        """
+        weights = self._weights()
+        family, nvec = self.family, self.nvec
+        flatten = self._flatten_obs if len(self.obs_shape) != 1 else None
+        if family == "diag_gaussian":
+            log_std = self.log_std
+
+            def gaussian(obs: Tensor) -> DistParams:
+                x = flatten(obs) if flatten is not None else obs
+                return _mlp_forward(x, weights), log_std
+
+            return gaussian
+        if family == "multi_categorical":
+
+            def multi(obs: Tensor) -> DistParams:
+                x = flatten(obs) if flatten is not None else obs
+                return list(torch.split(_mlp_forward(x, weights), nvec, dim=-1))
+
+            return multi
+
+        def logits(obs: Tensor) -> DistParams:
+            return _mlp_forward(flatten(obs) if flatten is not None else obs, weights)
+
+        return logits
 
     def functional_dist_params(self, params: Mapping[str, Tensor], obs: Tensor) -> DistParams:
         """``forward`` with the parameters taken from ``params`` (``functional_call``).

@@ -1,0 +1,438 @@
+"""Vector-env rollouts for on-policy learning, with low per-step overhead.
+
+Envs come from :func:`gymnasium.make_vec` in **same-step autoreset** mode: when
+an episode ends at step ``t``, the env is reset inside that same ``step`` call,
+the returned observation is already the first one of the next episode, and the
+true final observation is in ``infos["final_obs"][i]`` (mask
+``infos["_final_obs"]``). So every stored transition ``(s_t, a_t, r_t, s'_t)`` is
+a real one: gymnasium's default next-step mode, where the step after an episode
+end is a fake "reset transition", never arises here, and the value of a
+truncated episode is bootstrapped from its true final observation.
+
+Where the time goes, and what :func:`collect_rollout` does about it:
+
+* **One batched actor forward per vector step**, under ``torch.inference_mode``,
+  on a preallocated numpy observation buffer viewed with ``torch.from_numpy``
+  (no copies, no per-step tensor allocation beyond the MLP's own).
+* **All sampling noise of the rollout is drawn in one call** before the loop
+  (:func:`trpo.policy.draw_noise`), so a step samples with one or two tensor
+  ops (Gumbel-max / ``μ + σε``), with the explicit generator.
+* **The critic and the log-probabilities are not evaluated per step**: the
+  parameters do not change during a rollout, so ``V(s_t)``, ``V(s'_t)`` (with
+  the final observations of ended episodes patched in) and
+  ``log π(a_t|s_t)`` are computed after the loop in one batched pass each,
+  which is mathematically the same and far cheaper than ``T`` small passes.
+* Rewards, flags and raw observations go into preallocated numpy arrays
+  (``numpy`` slice assignment is cheaper than a torch ``copy_`` on tiny arrays),
+  episode statistics are computed after the loop from those arrays, and the
+  finiteness check is one ``sum`` per step (the exact check runs only when the
+  sum is not finite).
+
+Observation normalisation: the policy sees ``normalize(obs)`` with the
+statistics as they were at the start of the rollout (so every observation of a
+batch is normalised the same way, and the stored ``obs`` are exactly what the
+policy saw); the statistics are updated once after the rollout with its
+``T·N`` raw observations. Reward scaling (:class:`trpo.normalize.RewardScaler`)
+is likewise applied to the whole ``(T, N)`` block after the rollout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from torch import Tensor, nn
+
+from trpo.normalize import RewardScaler, RunningMeanStd
+from trpo.policy import Actor, draw_noise, log_prob, sample_from_noise
+
+__all__ = [
+    "Rollout",
+    "RolloutState",
+    "collect_rollout",
+    "env_action_converter",
+    "init_rollout_state",
+    "make_envs",
+]
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def make_envs(
+    env_id: str,
+    n_envs: int,
+    *,
+    async_: bool = False,
+    env_kwargs: dict[str, Any] | None = None,
+    wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]] | None = None,
+) -> VectorEnv:
+    """Create ``n_envs`` copies of ``env_id`` as one same-step-autoreset vector env.
+
+    The envs are not reset here: :func:`init_rollout_state` resets env ``i`` with
+    seed ``seed + i``.
+
+    Args:
+        env_id: A registered gymnasium id, e.g. ``"CartPole-v1"``.
+        n_envs: Number of parallel envs ``N`` (≥ 1).
+        async_: One subprocess per env (``AsyncVectorEnv``) instead of stepping
+            them in this process; pays off only for expensive envs.
+        env_kwargs: Keyword arguments for the env constructor.
+        wrappers: Wrappers applied to each single env.
+
+    Returns:
+        A :class:`gymnasium.vector.VectorEnv`.
+
+    Raises:
+        ValueError: If ``env_id`` is not registered (with how to list the ids),
+            or ``n_envs`` is not positive.
+    """
+    if not isinstance(n_envs, int) or isinstance(n_envs, bool) or n_envs <= 0:
+        raise ValueError(f"n_envs must be a positive int, got {n_envs!r}")
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise ValueError(
+            f"unknown env_id {env_id!r} ({e}); list the registered ids with "
+            f"`python -c 'import gymnasium; gymnasium.pprint_registry()'`"
+        ) from None
+    return gym.make_vec(
+        env_id,
+        num_envs=n_envs,
+        vectorization_mode="async" if async_ else "sync",
+        # copy=False: the collector copies each step's arrays into its own buffers at once.
+        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP, "copy": False},
+        wrappers=wrappers,
+        **(env_kwargs or {}),
+    )
+
+
+@dataclass
+class RolloutState:
+    """What a collector carries from one rollout to the next (mutable).
+
+    Attributes:
+        env_id: For error messages.
+        obs: ``(N, *obs_shape)`` raw (unnormalised) current observation.
+        episode_returns: ``(N,)`` float64 undiscounted raw return of the running episodes.
+        episode_lengths: ``(N,)`` int64 length of the running episodes.
+        global_step: Env steps taken so far (``N`` per vector step).
+    """
+
+    env_id: str
+    obs: np.ndarray
+    episode_returns: np.ndarray
+    episode_lengths: np.ndarray
+    global_step: int = 0
+
+
+def init_rollout_state(envs: VectorEnv, seed: int, *, global_step: int = 0) -> RolloutState:
+    """Reset the envs (env ``i`` with seed ``seed + i``) and start a :class:`RolloutState`.
+
+    Args:
+        envs: From :func:`make_envs` (same-step autoreset).
+        seed: Base seed.
+        global_step: Starting step counter (e.g. when resuming).
+
+    Raises:
+        ValueError: If ``envs`` does not use same-step autoreset.
+    """
+    mode = envs.metadata.get("autoreset_mode")
+    if mode != AutoresetMode.SAME_STEP:
+        raise ValueError(
+            f"envs must use AutoresetMode.SAME_STEP (got {mode}); create them with make_envs"
+        )
+    n = envs.num_envs
+    obs, _ = envs.reset(seed=[int(seed) + i for i in range(n)])
+    return RolloutState(
+        env_id=envs.spec.id if envs.spec is not None else "<unknown env>",
+        obs=np.array(obs, copy=True),
+        episode_returns=np.zeros(n, dtype=np.float64),
+        episode_lengths=np.zeros(n, dtype=np.int64),
+        global_step=int(global_step),
+    )
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One rollout of ``T`` vector steps over ``N`` envs, time-major.
+
+    Attributes:
+        obs: ``(T, N, *obs_shape)`` observations ``s_t`` as the policy saw them (normalised).
+        actions: ``(T, N)`` int64 (Discrete), ``(T, N, d)`` float unclipped samples (Box),
+            ``(T, N, k)`` int64 (MultiDiscrete), ``(T, N, d)`` float 0/1 (MultiBinary).
+        log_probs: ``(T, N)`` ``log π_old(a_t|s_t)`` of the stored (unclipped) actions.
+        rewards: ``(T, N)`` rewards for learning (scaled if a reward scaler was given).
+        terminations: ``(T, N)`` bool.
+        truncations: ``(T, N)`` bool.
+        values: ``(T, N)`` ``V(s_t)``.
+        next_values: ``(T, N)`` ``V(s'_t)`` of the true next observation (the final
+            observation where the episode ended at ``t``).
+        episode_returns: ``(E,)`` float64 raw undiscounted returns of the episodes that
+            ended during this rollout, in the order they ended.
+        episode_lengths: ``(E,)`` int64 their lengths.
+        global_step: Env steps taken after this rollout.
+    """
+
+    obs: Tensor
+    actions: Tensor
+    log_probs: Tensor
+    rewards: Tensor
+    terminations: Tensor
+    truncations: Tensor
+    values: Tensor
+    next_values: Tensor
+    episode_returns: Tensor
+    episode_lengths: Tensor
+    global_step: int
+
+    @property
+    def n_steps(self) -> int:
+        """``T``."""
+        return self.rewards.shape[0]
+
+    @property
+    def n_envs(self) -> int:
+        """``N``."""
+        return self.rewards.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        """``T·N`` transitions."""
+        return self.rewards.numel()
+
+
+def env_action_converter(action_space: gym.Space) -> Callable[[np.ndarray], np.ndarray]:
+    """The map from a batch of sampled actions (numpy) to what the vector env accepts.
+
+    Box: clipped to ``[low, high]`` (the stored action stays unclipped) and cast to the
+    space's dtype; Discrete / MultiDiscrete: shifted by ``start``; MultiBinary: int8.
+    """
+    if isinstance(action_space, gym.spaces.Box):
+        low, high, dtype = action_space.low, action_space.high, action_space.dtype
+        return lambda a: np.clip(a, low, high).astype(dtype, copy=False)
+    if isinstance(action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
+        start = np.asarray(action_space.start)
+        if np.any(start != 0):
+            return lambda a: a + start
+        return lambda a: a
+    if isinstance(action_space, gym.spaces.MultiBinary):
+        return lambda a: a.astype(np.int8)
+    raise ValueError(f"action_space {action_space!r} is not supported")
+
+
+def _check_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> torch.device:
+    p = next(module.parameters())
+    if p.dtype != dtype:
+        raise ValueError(
+            f"dtype is {dtype} but the {name}'s parameters are {p.dtype}; "
+            f"convert the {name} (e.g. .to({dtype})) or pass dtype={p.dtype}"
+        )
+    return p.device
+
+
+def _nonfinite_error(env_id: str, step: int, what: str, arrays: Sequence[np.ndarray]) -> None:
+    """Raise if any array is non-finite (the exact check, run only on the slow path)."""
+    bad = [
+        np.flatnonzero(~np.isfinite(np.asarray(a, dtype=np.float64).reshape(len(a), -1)).all(1))
+        for a in arrays
+    ]
+    envs_bad = sorted({int(i) for b in bad for i in b})
+    if envs_bad:
+        raise ValueError(
+            f"env {env_id!r} returned a non-finite {what} at global step {step} "
+            f"(env indices {envs_bad}); nothing from this step was stored"
+        )
+
+
+def collect_rollout(
+    envs: VectorEnv,
+    actor: Actor,
+    critic: nn.Module,
+    n_steps: int,
+    *,
+    state: RolloutState,
+    generator: torch.Generator,
+    obs_normalizer: RunningMeanStd | None = None,
+    reward_scaler: RewardScaler | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Rollout:
+    """Step the vector env ``n_steps`` times with the current policy.
+
+    Continues from ``state`` (observation, running episodes, step counter) and
+    advances it on success. Box actions are clipped to the bounds for the env;
+    the stored action and its log-probability are those of the unclipped sample.
+
+    Args:
+        envs: Same-step-autoreset vector env from :func:`make_envs`.
+        actor: The policy (parameters in ``dtype``, on the device the rollout tensors go to).
+        critic: Value function ``(*B, *obs_shape) -> (*B,)``.
+        n_steps: ``T`` vector steps (``T·N`` transitions).
+        state: From :func:`init_rollout_state`; updated in place on success.
+        generator: RNG for the action noise (on the actor's device).
+        obs_normalizer: If given, the policy and critic see normalised observations
+            and its statistics are updated after the rollout (unless frozen).
+        reward_scaler: If given, ``Rollout.rewards`` are scaled by it.
+        dtype: Floating dtype of the stored tensors (float32 or float64).
+
+    Returns:
+        The :class:`Rollout`.
+
+    Raises:
+        ValueError: On bad arguments, or a non-finite observation or reward
+            (naming the env and the global step; raised before anything of that
+            step is stored or any statistic is updated).
+        RuntimeError: If an env raises during ``step`` (naming the env and step).
+            After either error the envs are in an unknown state: reset them
+            with :func:`init_rollout_state`.
+    """
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps <= 0:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    device = _check_dtype(actor, "actor", dtype)
+    _check_dtype(critic, "critic", dtype)
+    T, N = n_steps, envs.num_envs
+    if state.obs.shape[0] != N:
+        raise ValueError(
+            f"state has {state.obs.shape[0]} envs but envs has {N}; use init_rollout_state"
+        )
+    family = actor.family
+    to_env = env_action_converter(envs.single_action_space)
+    env_id, step0 = state.env_id, state.global_step
+    normalize = obs_normalizer.normalize if obs_normalizer is not None else None
+    cpu = device.type == "cpu"
+
+    # Preallocated buffers: raw obs in the rollout dtype (row t+1 is s_{t+1}, or the
+    # first obs of the next episode), rewards/flags in numpy, actions in numpy.
+    obs_buf = np.empty((T + 1, *state.obs.shape), dtype=_NUMPY_DTYPES[dtype])
+    obs_buf[0] = state.obs
+    rew_buf = np.empty((T, N), dtype=np.float64)
+    term_buf = np.empty((T, N), dtype=np.bool_)
+    trunc_buf = np.empty((T, N), dtype=np.bool_)
+    finals: list[tuple[int, int, np.ndarray]] = []
+    act_buf: np.ndarray | None = None
+
+    def policy_input(t: int) -> Tensor:
+        x = torch.from_numpy(obs_buf[t])
+        if not cpu:
+            x = x.to(device, non_blocking=True)
+        return normalize(x) if normalize is not None else x
+
+    policy = actor.inference_fn()  # no nn.Module dispatch in the per-step loop
+    with torch.inference_mode():
+        params = policy(policy_input(0))
+        noise = draw_noise(family, params, generator, batch_shape=(T,))
+        # Per-step noise views, made once (indexing a list of heads every step costs more).
+        step_noise = (
+            list(zip(*(n.unbind(0) for n in noise))) if isinstance(noise, list) else noise.unbind(0)
+        )
+        for t in range(T):
+            if t:
+                params = policy(policy_input(t))
+            a = sample_from_noise(family, params, step_noise[t])
+            a_np = a.numpy() if cpu else a.cpu().numpy()
+            if act_buf is None:
+                act_buf = np.empty((T, *a_np.shape), dtype=a_np.dtype)
+            act_buf[t] = a_np
+            try:
+                obs, rew, term, trunc, infos = envs.step(to_env(a_np))
+            except Exception as e:
+                raise RuntimeError(
+                    f"env {env_id!r} raised during step at global step {step0 + t * N}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            # One reduction catches NaN/inf (a sum of finite values only overflows for
+            # |values| ~ 1e38 (float32), in which case the exact check below decides).
+            if not math.isfinite(obs.sum() + rew.sum()):
+                _nonfinite_error(env_id, step0 + t * N, "observation", [obs])
+                _nonfinite_error(env_id, step0 + t * N, "reward", [rew])
+            if "_final_obs" in infos:
+                fin = infos["final_obs"]
+                for i in np.flatnonzero(infos["_final_obs"]):
+                    f = np.asarray(fin[i])
+                    if not np.isfinite(f).all():
+                        _nonfinite_error(env_id, step0 + t * N, "final observation", [f[None]])
+                    finals.append((t, int(i), f))
+            obs_buf[t + 1] = obs
+            rew_buf[t] = rew
+            term_buf[t] = term
+            trunc_buf[t] = trunc
+
+    # ---- after the loop: batched critic / log-prob passes, statistics -----------------
+    obs_all = torch.from_numpy(obs_buf).to(device)
+    if finals:
+        fin_obs = torch.from_numpy(np.stack([f for _, _, f in finals]).astype(obs_buf.dtype))
+        obs_all_flat = torch.cat([obs_all.reshape(-1, *obs_all.shape[2:]), fin_obs.to(device)])
+    else:
+        obs_all_flat = obs_all.reshape(-1, *obs_all.shape[2:])
+    with torch.no_grad():
+        x_all = normalize(obs_all_flat) if normalize is not None else obs_all_flat
+        v_all = critic(x_all)
+        v_grid = v_all[: (T + 1) * N].reshape(T + 1, N)
+        values = v_grid[:T].clone()
+        next_values = v_grid[1:].clone()
+        if finals:
+            t_idx = torch.tensor([t for t, _, _ in finals], device=device)
+            i_idx = torch.tensor([i for _, i, _ in finals], device=device)
+            next_values[t_idx, i_idx] = v_all[(T + 1) * N :]
+        obs_policy = x_all[: T * N].reshape(T, N, *obs_all.shape[2:])
+        if normalize is None:
+            obs_policy = obs_policy.clone()  # do not alias the numpy buffer
+        actions = torch.from_numpy(act_buf).to(device)
+        log_probs = log_prob(family, actor(obs_policy), actions)
+
+    terminations = torch.from_numpy(term_buf)
+    truncations = torch.from_numpy(trunc_buf)
+    raw_rewards = torch.from_numpy(rew_buf)
+    if reward_scaler is not None:
+        rewards = reward_scaler.scale(raw_rewards, terminations | truncations)
+    else:
+        rewards = raw_rewards
+    if obs_normalizer is not None:
+        obs_normalizer.update(obs_buf[:T].reshape(T * N, *obs_buf.shape[2:]))
+
+    ep_returns, ep_lengths = _episode_statistics(rew_buf, term_buf | trunc_buf, state)
+    state.obs = obs_buf[T].copy()
+    state.global_step = step0 + T * N
+    return Rollout(
+        obs=obs_policy,
+        actions=actions,
+        log_probs=log_probs,
+        rewards=rewards.to(device=device, dtype=dtype),
+        terminations=terminations.to(device),
+        truncations=truncations.to(device),
+        values=values,
+        next_values=next_values,
+        episode_returns=ep_returns,
+        episode_lengths=ep_lengths,
+        global_step=state.global_step,
+    )
+
+
+def _episode_statistics(
+    rewards: np.ndarray, dones: np.ndarray, state: RolloutState
+) -> tuple[Tensor, Tensor]:
+    """Returns/lengths of the episodes that ended in this block; advances the accumulators."""
+    T, N = rewards.shape
+    ended: list[tuple[int, int, float, int]] = []
+    for i in range(N):
+        start = 0
+        for end in np.flatnonzero(dones[:, i]):
+            ret = state.episode_returns[i] + rewards[start : end + 1, i].sum()
+            length = state.episode_lengths[i] + (end + 1 - start)
+            ended.append((int(end), i, float(ret), int(length)))
+            state.episode_returns[i], state.episode_lengths[i] = 0.0, 0
+            start = end + 1
+        state.episode_returns[i] += rewards[start:, i].sum()
+        state.episode_lengths[i] += T - start
+    ended.sort()
+    return (
+        torch.tensor([e[2] for e in ended], dtype=torch.float64),
+        torch.tensor([e[3] for e in ended], dtype=torch.int64),
+    )
