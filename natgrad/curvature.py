@@ -355,6 +355,13 @@ def fisher_operator(
     return _gauss_newton_operator(space, apply_out, outputs, j_fn, jt_fn)
 
 
+def _like(z: list | tuple, items: list[Tensor]) -> list | tuple:
+    """``items`` in the container type of ``z`` (list, tuple or NamedTuple), as vjp needs."""
+    if isinstance(z, list):
+        return items
+    return type(z)(*items) if hasattr(z, "_fields") else type(z)(items)
+
+
 def _single_tensor(z: Any, what: str) -> Tensor:
     if not isinstance(z, Tensor):
         raise ValueError(f"{what} must be a single tensor, got {type(z).__name__}")
@@ -405,10 +412,9 @@ def _fisher_multi_categorical(z: Any) -> Callable[[Any], Any]:
         )
     B = _batch_size(z[0], "multi_categorical logits")
     blocks = [_categorical_fisher(t, B) for t in z]
-    container = type(z)
 
     def apply(u: Any) -> Any:
-        return container(f(t) for f, t in zip(blocks, u))
+        return _like(z, [f(t) for f, t in zip(blocks, u)])
 
     return apply
 
@@ -448,11 +454,10 @@ def _fisher_diag_gaussian(z: Any) -> Callable[[Any], Any]:
     precision = torch.exp(-2 * log_std) / B
     mult = mean.numel() // max(log_std.numel(), 1)
     log_std_weight = 2.0 * mult / B
-    container = type(z)
 
     def apply(u: Any) -> Any:
         u_mean, u_log_std = u
-        return container((u_mean * precision, u_log_std * log_std_weight))
+        return _like(z, [u_mean * precision, u_log_std * log_std_weight])
 
     return apply
 

@@ -460,3 +460,16 @@ def test_fisher_validation():
 def test_kl_hessian_operator_rejects_non_scalar():
     with pytest.raises(ValueError, match="scalar"):
         kl_hessian_operator(lambda p: p["x"] * 1.0, {"x": torch.ones(2, dtype=DT)})
+
+
+def test_fisher_accepts_namedtuple_outputs():
+    from typing import NamedTuple
+
+    class Normal(NamedTuple):
+        mean: torch.Tensor
+        log_std: torch.Tensor
+
+    dist, params, args, kl = FISHER_CASES["diag_gaussian_shared"][1]()
+    op = fisher_operator(lambda p, x: Normal(*dist(p, x)), params, *args, family="diag_gaussian")
+    assert isinstance(op.outputs, Normal)
+    assert rel_err(op.to_dense(), dense_hessian(kl, params, *args)) <= 1e-10
