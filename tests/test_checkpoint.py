@@ -110,8 +110,9 @@ def test_numpy_generators_with_array_state_round_trip(tmp_path):
     restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"], numpy_generator=other)
     assert np.array_equal(other.random(3), expected)
     with pytest.raises(ValueError, match="PCG64.*MT19937"):
-        restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"],
-                          numpy_generator=np.random.default_rng(0))
+        restore_rng_state(
+            load_checkpoint(tmp_path / "c.pt")["rng"], numpy_generator=np.random.default_rng(0)
+        )
     with pytest.raises(ValueError, match="torch_generator"):
         restore_rng_state({}, torch_generator=torch.Generator())
 
@@ -136,8 +137,10 @@ def test_non_plain_state_is_refused_before_writing(tmp_path, state, where):
 
 # --- corruption and fallback ------------------------------------------------------------------
 def _three_checkpoints(run_dir: Path) -> list[Path]:
-    return [save_run_checkpoint(run_dir, u, {"update": u, "w": torch.full((64,), float(u))})
-            for u in (10, 20, 30)]
+    return [
+        save_run_checkpoint(run_dir, u, {"update": u, "w": torch.full((64,), float(u))})
+        for u in (10, 20, 30)
+    ]
 
 
 def test_truncated_checkpoint_is_named_and_resume_falls_back(tmp_path):
@@ -301,8 +304,7 @@ def test_sigkill_between_temp_write_and_rename(tmp_path):
     )
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert any(n.startswith(".tmp_ckpt_000002.pt") for n in names)  # the orphaned temp file
@@ -310,7 +312,9 @@ def test_sigkill_between_temp_write_and_rename(tmp_path):
     assert load_latest_checkpoint(tmp_path).state["update"] == 1
     prune_checkpoints(tmp_path, keep=3)  # the next save cleans up temp files and orphan records
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "ckpt_000001.pt", "ckpt_000001.pt.sha256"]
+        "ckpt_000001.pt",
+        "ckpt_000001.pt.sha256",
+    ]
 
 
 # --- naming and rotation ------------------------------------------------------------------------
@@ -332,14 +336,20 @@ def test_rotation_keeps_the_newest_k(tmp_path):
     assert names == [f"ckpt_00000{u}.pt{s}" for u in (3, 4, 5) for s in ("", ".sha256")]
     (tmp_path / "checkpoints" / "ckpt_000009.pt.sha256").write_text("{}")  # orphan record
     deleted = prune_checkpoints(tmp_path, keep=1)
-    assert {p.name for p in deleted} == {"ckpt_000003.pt", "ckpt_000003.pt.sha256",
-                                         "ckpt_000004.pt", "ckpt_000004.pt.sha256",
-                                         "ckpt_000009.pt.sha256"}
+    assert {p.name for p in deleted} == {
+        "ckpt_000003.pt",
+        "ckpt_000003.pt.sha256",
+        "ckpt_000004.pt",
+        "ckpt_000004.pt.sha256",
+        "ckpt_000009.pt.sha256",
+    }
     with pytest.raises(ValueError, match="keep"):
         prune_checkpoints(tmp_path, keep=0)
 
 
 def test_map_location(tmp_path):
     save_checkpoint(tmp_path / "c.pt", {"w": torch.ones(2)})
-    assert load_checkpoint(tmp_path / "c.pt", map_location=torch.device("cpu"))["w"].device.type \
+    assert (
+        load_checkpoint(tmp_path / "c.pt", map_location=torch.device("cpu"))["w"].device.type
         == "cpu"
+    )

@@ -31,21 +31,53 @@ MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
 
 # --- validation -------------------------------------------------------------------------------
 INVALID = [
-    ("max_kl", 0.0), ("max_kl", -0.01), ("max_kl", math.nan), ("max_kl", math.inf),
-    ("gamma", 0.0), ("gamma", 1.0001), ("gamma", -0.5),
-    ("gae_lambda", -0.1), ("gae_lambda", 1.1),
-    ("total_steps", 0), ("n_envs", 0), ("n_envs", 2.5), ("n_envs", True), ("n_steps", -1),
-    ("cg_iters", 0), ("cg_damping", -1e-3), ("cg_rtol", -1.0),
-    ("fvp_fraction", 0.0), ("fvp_fraction", 1.5),
-    ("line_search_shrink", 0.0), ("line_search_shrink", 1.0), ("line_search_max_tries", 0),
+    ("max_kl", 0.0),
+    ("max_kl", -0.01),
+    ("max_kl", math.nan),
+    ("max_kl", math.inf),
+    ("gamma", 0.0),
+    ("gamma", 1.0001),
+    ("gamma", -0.5),
+    ("gae_lambda", -0.1),
+    ("gae_lambda", 1.1),
+    ("total_steps", 0),
+    ("n_envs", 0),
+    ("n_envs", 2.5),
+    ("n_envs", True),
+    ("n_steps", -1),
+    ("cg_iters", 0),
+    ("cg_damping", -1e-3),
+    ("cg_rtol", -1.0),
+    ("fvp_fraction", 0.0),
+    ("fvp_fraction", 1.5),
+    ("line_search_shrink", 0.0),
+    ("line_search_shrink", 1.0),
+    ("line_search_max_tries", 0),
     ("line_search_accept_ratio", -0.1),
-    ("critic_lr", 0.0), ("critic_epochs", 0), ("critic_minibatch_size", 0),
-    ("obs_clip", 0.0), ("reward_clip", -1.0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
-    ("log_every", 0), ("max_consecutive_failures", 0), ("seed", -1), ("eval_episodes", -1),
-    ("torch_threads", -2), ("hidden_sizes", (64, 0)), ("hidden_sizes", [64, 64]),
-    ("device", "gpu"), ("device", "cuda:x"), ("dtype", "float16"), ("env_id", ""),
-    ("run_name", "a/b"), ("run_name", ""), ("memory_limit_gb", 0.0), ("normalize_obs", "yes"),
-    ("log_std_init", math.nan), ("runs_root", ""),
+    ("critic_lr", 0.0),
+    ("critic_epochs", 0),
+    ("critic_minibatch_size", 0),
+    ("obs_clip", 0.0),
+    ("reward_clip", -1.0),
+    ("checkpoint_every", 0),
+    ("keep_checkpoints", 0),
+    ("log_every", 0),
+    ("max_consecutive_failures", 0),
+    ("seed", -1),
+    ("eval_episodes", -1),
+    ("torch_threads", -2),
+    ("hidden_sizes", (64, 0)),
+    ("hidden_sizes", [64, 64]),
+    ("device", "gpu"),
+    ("device", "cuda:x"),
+    ("dtype", "float16"),
+    ("env_id", ""),
+    ("run_name", "a/b"),
+    ("run_name", ""),
+    ("memory_limit_gb", 0.0),
+    ("normalize_obs", "yes"),
+    ("log_std_init", math.nan),
+    ("runs_root", ""),
 ]
 
 
@@ -58,9 +90,17 @@ def test_invalid_value_raises_naming_the_field(field, value):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(gamma=1.0), dict(gae_lambda=0.0), dict(gae_lambda=1.0), dict(cg_damping=0.0),
-        dict(fvp_fraction=1.0), dict(device="cuda:1"), dict(device="auto"),
-        dict(hidden_sizes=()), dict(max_kl=1), dict(dtype="float64"), dict(seed=0),
+        dict(gamma=1.0),
+        dict(gae_lambda=0.0),
+        dict(gae_lambda=1.0),
+        dict(cg_damping=0.0),
+        dict(fvp_fraction=1.0),
+        dict(device="cuda:1"),
+        dict(device="auto"),
+        dict(hidden_sizes=()),
+        dict(max_kl=1),
+        dict(dtype="float64"),
+        dict(seed=0),
     ],
 )
 def test_boundary_values_are_valid(overrides):
@@ -159,8 +199,20 @@ def test_cli_typed_flags_override_the_preset_of_the_chosen_env(argv):
 
 def test_cli_types_tuples_bools_optionals():
     cfg = parse_cli(
-        ["--env", "Hopper-v5", "--hidden-sizes", "32", "16", "--no-normalize-obs",
-         "--run-name", "x1", "--memory-limit-gb", "2.5", "--dtype", "float64"]
+        [
+            "--env",
+            "Hopper-v5",
+            "--hidden-sizes",
+            "32",
+            "16",
+            "--no-normalize-obs",
+            "--run-name",
+            "x1",
+            "--memory-limit-gb",
+            "2.5",
+            "--dtype",
+            "float64",
+        ]
     )
     assert cfg.hidden_sizes == (32, 16)
     assert cfg.normalize_obs is False  # preset says True; the typed flag wins
@@ -170,8 +222,12 @@ def test_cli_types_tuples_bools_optionals():
 
 @pytest.mark.parametrize(
     ("argv", "field"),
-    [(["--max-kl", "0"], "max_kl"), (["--gamma", "1.5"], "gamma"), (["--n-envs", "0"], "n_envs"),
-     (["--gae-lambda", "2"], "gae_lambda")],
+    [
+        (["--max-kl", "0"], "max_kl"),
+        (["--gamma", "1.5"], "gamma"),
+        (["--n-envs", "0"], "n_envs"),
+        (["--gae-lambda", "2"], "gae_lambda"),
+    ],
 )
 def test_cli_invalid_value_exits_naming_the_field(argv, field, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -210,7 +266,9 @@ def test_help_lists_every_field_with_its_default(capsys, monkeypatch):
 
 
 def test_help_shows_the_preset_of_the_chosen_env(capsys, monkeypatch):
-    assert "(default: 25)" in _help_blocks(["--env", "Hopper-v5"], capsys, monkeypatch)["--cg-iters"]
+    assert (
+        "(default: 25)" in _help_blocks(["--env", "Hopper-v5"], capsys, monkeypatch)["--cg-iters"]
+    )
     default = config_for("CartPole-v1").cg_iters
     assert f"(default: {default})" in _help_blocks([], capsys, monkeypatch)["--cg-iters"]
 

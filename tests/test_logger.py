@@ -73,8 +73,11 @@ def test_new_keys_widen_the_header_and_old_rows_stay_aligned(tmp_path):
         assert logger.columns == ["trpo/kl", "charts/episode_return", "eval/episode_return"]
     rows = _raw_rows(tmp_path / "metrics.csv")
     assert all(len(r) == 4 for r in rows)
-    assert rows[1:] == [["100", "0.01", "", ""], ["200", "0.02", "20.0", ""],
-                        ["300", "", "", "500.0"]]
+    assert rows[1:] == [
+        ["100", "0.01", "", ""],
+        ["200", "0.02", "20.0", ""],
+        ["300", "", "", "500.0"],
+    ]
     cols = read_metrics(tmp_path / "metrics.csv")
     assert math.isnan(cols["charts/episode_return"][0]) and cols["eval/episode_return"][2] == 500
 
@@ -102,8 +105,7 @@ def test_a_row_cut_short_by_a_kill_is_dropped(tmp_path):
         f.write("200,0.12")  # killed mid-write: no newline
     with MetricsLogger(tmp_path, tensorboard=False) as logger:
         logger.log(200, {"m": 3.0, "n": 4.0})
-    assert _raw_rows(tmp_path / "metrics.csv")[1:] == [["100", "1.0", "2.0"],
-                                                       ["200", "3.0", "4.0"]]
+    assert _raw_rows(tmp_path / "metrics.csv")[1:] == [["100", "1.0", "2.0"], ["200", "3.0", "4.0"]]
 
 
 def test_a_foreign_csv_is_not_clobbered(tmp_path):
@@ -126,8 +128,10 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     kl = acc.Scalars("trpo/kl")  # TensorBoard stores float32
-    assert [(e.step, e.value) for e in kl] == [(1024, np.float32(0.005)),
-                                               (2048, np.float32(0.0075))]
+    assert [(e.step, e.value) for e in kl] == [
+        (1024, np.float32(0.005)),
+        (2048, np.float32(0.0075)),
+    ]
     assert [e.value for e in acc.Scalars("charts/episode_return")] == [22.0]
 
 
@@ -156,18 +160,33 @@ def test_tensorboard_is_optional(tmp_path, monkeypatch):
 
 def test_metric_keys_document_the_stable_names():
     required = {
-        "charts/episode_return", "charts/episode_length", "charts/steps_per_second", "trpo/kl",
-        "trpo/surrogate_improvement", "trpo/expected_improvement", "trpo/step_fraction",
-        "trpo/line_search_success", "trpo/line_search_tries", "natgrad/cg_iterations",
-        "natgrad/cg_residual", "trpo/entropy", "trpo/explained_variance", "trpo/value_loss",
-        "time/rollout_seconds", "time/update_seconds",
+        "charts/episode_return",
+        "charts/episode_length",
+        "charts/steps_per_second",
+        "trpo/kl",
+        "trpo/surrogate_improvement",
+        "trpo/expected_improvement",
+        "trpo/step_fraction",
+        "trpo/line_search_success",
+        "trpo/line_search_tries",
+        "natgrad/cg_iterations",
+        "natgrad/cg_residual",
+        "trpo/entropy",
+        "trpo/explained_variance",
+        "trpo/value_loss",
+        "time/rollout_seconds",
+        "time/update_seconds",
     }
     assert required <= set(METRIC_KEYS)
     assert all(isinstance(v, str) and v for v in METRIC_KEYS.values())
     assert all(k.count("/") == 1 for k in METRIC_KEYS)
     timing = {k for k in METRIC_KEYS if is_timing_key(k)}
-    assert timing == {"charts/steps_per_second", "time/rollout_seconds",
-                      "time/update_seconds", "time/elapsed_seconds"}
+    assert timing == {
+        "charts/steps_per_second",
+        "time/rollout_seconds",
+        "time/update_seconds",
+        "time/elapsed_seconds",
+    }
 
 
 def _assert_png(path):
@@ -185,11 +204,17 @@ def test_plot_learning_curve(tmp_path):
     _assert_png(png)
     png2 = plot_learning_curve(
         [tmp_path / "a" / "metrics.csv", tmp_path / "b" / "metrics.csv"],
-        tmp_path / "both.png", labels=["seed 1", "seed 2"], y="charts/episode_return")
+        tmp_path / "both.png",
+        labels=["seed 1", "seed 2"],
+        y="charts/episode_return",
+    )
     _assert_png(png2)
     # A run that has not finished an episode yet still gets its PNG.
-    _assert_png(plot_learning_curve(tmp_path / "a" / "metrics.csv", tmp_path / "none.png",
-                                    y="eval/episode_return"))
+    _assert_png(
+        plot_learning_curve(
+            tmp_path / "a" / "metrics.csv", tmp_path / "none.png", y="eval/episode_return"
+        )
+    )
     with pytest.raises(ValueError, match="labels"):
         plot_learning_curve([tmp_path / "a" / "metrics.csv"], tmp_path / "x.png", labels=[])
 

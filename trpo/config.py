@@ -181,9 +181,19 @@ class TRPOConfig:
             ValueError: naming the first invalid field, its constraint and its value.
         """
         _check_str(self, "env_id")
-        for name in ("total_steps", "n_envs", "n_steps", "cg_iters", "line_search_max_tries",
-                     "critic_epochs", "critic_minibatch_size", "checkpoint_every",
-                     "keep_checkpoints", "log_every", "max_consecutive_failures"):
+        for name in (
+            "total_steps",
+            "n_envs",
+            "n_steps",
+            "cg_iters",
+            "line_search_max_tries",
+            "critic_epochs",
+            "critic_minibatch_size",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "max_consecutive_failures",
+        ):
             _check_int(self, name, minimum=1)
         for name in ("seed", "eval_episodes", "torch_threads"):
             _check_int(self, name, minimum=0)
@@ -199,8 +209,15 @@ class TRPOConfig:
         _check_real(self, "obs_clip", low=0.0, low_open=True)
         _check_real(self, "reward_clip", low=0.0, low_open=True)
         _check_real(self, "log_std_init")
-        for name in ("async_envs", "normalize_advantages", "normalize_obs", "normalize_reward",
-                     "tensorboard", "plot", "progress"):
+        for name in (
+            "async_envs",
+            "normalize_advantages",
+            "normalize_obs",
+            "normalize_reward",
+            "tensorboard",
+            "plot",
+            "progress",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (got {getattr(self, name)!r})")
         if not isinstance(self.hidden_sizes, tuple) or not all(
@@ -221,8 +238,7 @@ class TRPOConfig:
             _check_str(self, "resume")
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ValueError(
-                "device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' "
-                f"(got {self.device!r})"
+                f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (got {self.device!r})"
             )
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64' (got {self.dtype!r})")
@@ -609,8 +625,10 @@ def available_memory_bytes() -> int | None:
             pass
     for limit_file, usage_file in (
         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-         "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # cgroup v1
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),  # cgroup v1
     ):
         try:
             limit = Path(limit_file).read_text().strip()

@@ -194,8 +194,10 @@ class MetricsLogger:
             fresh = False
             header, rows, partial = _read_csv(self.csv_path)
             if not header or header[0] != STEP_COLUMN:
-                raise ValueError(f"{self.csv_path} is not a metrics CSV (first column "
-                                 f"{header[:1]!r}, expected {STEP_COLUMN!r})")
+                raise ValueError(
+                    f"{self.csv_path} is not a metrics CSV (first column "
+                    f"{header[:1]!r}, expected {STEP_COLUMN!r})"
+                )
             self._columns = header[1:]
             kept = rows
             if resume_step is not None:
@@ -248,8 +250,10 @@ class MetricsLogger:
         values: dict[str, int | float] = {}
         for key, raw in metrics.items():
             if not isinstance(key, str) or not key or key == STEP_COLUMN:
-                raise ValueError(f"metric key must be a non-empty string other than "
-                                 f"{STEP_COLUMN!r} (got {key!r})")
+                raise ValueError(
+                    f"metric key must be a non-empty string other than "
+                    f"{STEP_COLUMN!r} (got {key!r})"
+                )
             v = _to_number(key, raw)
             if v is not None:
                 values[key] = v
@@ -353,8 +357,15 @@ def plot_learning_curve(
         else:
             empty.append(label)
     if empty:
-        ax.text(0.5, 0.5, f"no finite {y} yet in: {', '.join(empty)}", transform=ax.transAxes,
-                ha="center", va="center", wrap=True)
+        ax.text(
+            0.5,
+            0.5,
+            f"no finite {y} yet in: {', '.join(empty)}",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            wrap=True,
+        )
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title or y)
@@ -411,8 +422,9 @@ class ProgressBar:
             disable=not self.enabled,
         )
 
-    def update(self, global_step: int, *, episode_return: float | None = None,
-               **extra: float) -> None:
+    def update(
+        self, global_step: int, *, episode_return: float | None = None, **extra: float
+    ) -> None:
         """Move the bar to ``global_step`` and show ``return=`` and any ``extra`` values."""
         if not self.enabled:
             return
