@@ -501,9 +501,14 @@ def kl_hessian_operator(
         if not isinstance(kl, Tensor) or kl.numel() != 1:
             raise ValueError("kl_fn must return a scalar tensor")
         grads = torch.autograd.grad(kl.reshape(()), leaves, create_graph=True, allow_unused=True)
-    g_flat = torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, leaves)]
-    )
+        # Inside enable_grad: the flat gradient must stay on the graph even when
+        # the caller runs under torch.no_grad().
+        g_flat = torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, leaves)
+            ]
+        )
     if not g_flat.requires_grad:
         # The KL is at most linear in θ: H = 0.
         return CurvatureOperator(torch.zeros_like, space, matmat=torch.zeros_like)

@@ -473,3 +473,16 @@ def test_fisher_accepts_namedtuple_outputs():
     op = fisher_operator(lambda p, x: Normal(*dist(p, x)), params, *args, family="diag_gaussian")
     assert isinstance(op.outputs, Normal)
     assert rel_err(op.to_dense(), dense_hessian(kl, params, *args)) <= 1e-10
+
+
+def test_operators_work_under_no_grad():
+    dist, params, args, kl = FISHER_CASES["categorical"][1]()
+    H = dense_hessian(kl, params, *args)
+    with torch.no_grad():
+        ops = [
+            fisher_operator(dist, params, *args, family="categorical"),
+            kl_hessian_operator(kl, params, *args),
+            hessian_operator(kl, params, *args),
+        ]
+        for op in ops:
+            assert rel_err(op.to_dense(), H) <= 1e-10
