@@ -197,8 +197,10 @@ def test_x0_already_solution_costs_one_matvec() -> None:
     A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=F64))
     b = torch.tensor([1.0, 2.0, 4.0], dtype=F64)
     count = Counting(A)
-    res = cg_solve(count, b, x0=torch.ones(3, dtype=F64))
+    x0 = torch.ones(3, dtype=F64)
+    res = cg_solve(count, b, x0=x0)
     assert res.status is CGStatus.CONVERGED
+    assert res.x is not x0 and torch.equal(res.x, x0)
     assert int(res.iterations) == 0 and count.calls == 1 == res.matvecs
 
 
@@ -253,11 +255,15 @@ def test_exact_zero_residual_in_fixed_mode_gives_no_nan() -> None:
     # A = I: one step makes r exactly 0; the next 9 iterations would be 0/0.
     A = torch.eye(5, dtype=F64)
     b = torch.stack([torch.arange(1.0, 6.0, dtype=F64), torch.zeros(5, dtype=F64)], 1)
-    res = cg_solve(A, b, rtol=0.0, atol=0.0, maxiter=10)
+    seen: list[CGIterate] = []
+    res = cg_solve(A, b, rtol=0.0, atol=0.0, maxiter=10, callback=seen.append)
     assert torch.equal(res.x, b)
     assert res.statuses == (CGStatus.CONVERGED, CGStatus.CONVERGED)
     assert res.iterations.tolist() == [1, 0]
     assert bool(torch.isfinite(res.residual_norm).all())
+    alphas = torch.stack([it.alpha for it in seen])  # (10, 2)
+    assert bool(torch.isfinite(alphas).all())
+    assert alphas[0].tolist() == [1.0, 0.0] and bool((alphas[1:] == 0).all())
 
 
 def test_indefinite_matrix_gives_non_positive_curvature() -> None:
@@ -330,6 +336,15 @@ def test_non_finite_operator_output_gives_status() -> None:
     torch.testing.assert_close(res.x, two.x, rtol=0, atol=0)  # the last finite iterate
     with pytest.raises(CGError, match="non-finite.*after 2 iterations.*NaN or inf"):
         res.raise_if_failed()
+
+
+def test_overflowing_step_gives_status_and_keeps_last_iterate() -> None:
+    # pᵀAp = 3e-320 > 0 (subnormal), so α = rᵀr / pᵀAp overflows to inf.
+    A = 1e-320 * torch.eye(3, dtype=F64)
+    res = cg_solve(A, torch.ones(3, dtype=F64), rtol=0.0, atol=0.0, maxiter=3)
+    assert res.status is CGStatus.NON_FINITE
+    assert torch.equal(res.x, torch.zeros(3, dtype=F64))
+    assert int(res.iterations) == 0
 
 
 def test_indefinite_preconditioner_gives_status() -> None:

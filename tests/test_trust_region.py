@@ -133,6 +133,16 @@ def test_nan_gradient_raises_or_gives_zero_step() -> None:
     assert torch.equal(st.step, torch.zeros(2, dtype=F64))
 
 
+def test_nan_initial_guess_gives_zero_step_not_nan() -> None:
+    x0 = torch.full((2,), float("nan"), dtype=F64)
+    st = natural_step(
+        torch.ones(2, dtype=F64), torch.eye(2, dtype=F64), 0.01, x0=x0, check_finite=False
+    )
+    assert st.status is StepStatus.NON_FINITE
+    assert torch.equal(st.step, torch.zeros(2, dtype=F64))
+    assert float(st.expected_improvement) == 0.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
