@@ -386,8 +386,9 @@ def cg_solve(
     Cost: ``result.matvecs`` operator applications = (1 if ``x0`` is given) + the
     number of loop iterations, which is ``maxiter`` in fixed-iteration mode and, in
     tolerance mode, the largest per-column iteration count (+1 when the last
-    running column stopped on a breakdown). ``M`` is applied once more than ``A``
-    in the loop (once for ``r₀``, once per iteration).
+    running column stopped on ``pᵀAp ≤ 0`` or a non-finite operator output, whose
+    matvec is spent without an update). ``M`` is applied once for ``r₀`` and once
+    per loop iteration.
 
     Args:
         A: The operator: a :class:`natgrad.linop.LinearOperator` (or any object with
