@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import natgrad.cg
 from natgrad.cg import CGError, CGIterate, CGStatus, cg_solve
 
 F64 = torch.float64
@@ -276,6 +278,7 @@ def test_indefinite_matrix_gives_non_positive_curvature() -> None:
     # One step along b (bᵀAb = 5 > 0), then p = r₁ + β b has pᵀAp = −6.4 ≤ 0.
     torch.testing.assert_close(res.x, 0.8 * b)
     assert int(res.iterations) == 1
+    assert res.matvecs == 2  # the breakdown iteration spends a matvec without an update
     p = res.direction
     assert float(p @ A @ p) <= 0
     torch.testing.assert_close(res.curvature, p @ A @ p)
@@ -562,3 +565,8 @@ def test_random_spd_matches_solve(
     assert bool((res.iterations <= 3 * n).all())
     assert bool((res.residual_norm <= res.tolerance).all())
     assert bool(torch.isfinite(res.x).all())
+
+
+def test_module_docstring_examples() -> None:
+    result = doctest.testmod(natgrad.cg)
+    assert result.attempted > 0 and result.failed == 0

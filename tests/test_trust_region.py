@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import natgrad.trust_region
 from natgrad.cg import CGStatus
 from natgrad.trust_region import LineSearchResult, StepStatus, line_search, natural_step
 
@@ -410,3 +412,8 @@ def test_batched_wrong_output_shape_raises() -> None:
     q = Quadratic()
     with pytest.raises(ValueError, match=r"objective_fn must map a \(11, n\) stack"):
         line_search(lambda th: th.sum(), q.kl, q.theta0, q.theta0, max_constraint=0.1, batched=True)
+
+
+def test_module_docstring_examples() -> None:
+    result = doctest.testmod(natgrad.trust_region)
+    assert result.attempted > 0 and result.failed == 0
