@@ -1,0 +1,281 @@
+"""One TRPO iteration: surrogate, g, Fisher operator, natural step, line search, critic fit.
+
+Read top to bottom next to the paper (Schulman et al. 2015, "Trust Region Policy
+Optimization", and docs/theory.md):
+
+1. The importance-sampled surrogate on the batch of states and actions collected by π_old,
+
+       L(θ) = mean_t [ π_θ(a_t|s_t) / π_old(a_t|s_t) · Â_t ],      L(θ_old) = mean Â (= 0 normalised)
+
+2. its gradient at θ_old, g = ∇_θ L(θ_old) (the vanilla policy gradient);
+3. the Fisher H = ∇²_θ mean_s KL(π_old(·|s) ‖ π_θ(·|s)) at θ_old, as a matrix-free operator
+   mean_s J_sᵀ F_out J_s (``natgrad.fisher_operator``) on the same states (or a fraction);
+4. the natural step Δθ = sqrt(2δ / sᵀ(H+λI)s) · s with s ≈ (H+λI)⁻¹g by CG
+   (``natgrad.natural_step``);
+5. the backtracking line search θ_old + βᵏΔθ accepting the first point that improves L and
+   keeps the exact mean KL ≤ δ (``natgrad.line_search``); if none, θ stays θ_old;
+6. the critic V_φ fitted to the GAE returns by Adam on minibatches.
+
+The functions here never write a non-finite number into the parameters: a step is copied into
+the actor only when the line search accepted it, and the accepted point is finite by
+construction (non-finite candidates are rejected).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from natgrad.curvature import fisher_operator
+from natgrad.params import ParamSpace, flat_grad
+from natgrad.trust_region import line_search, natural_step
+from trpo.policy import Actor, Critic, entropy, kl_divergence, log_prob
+
+__all__ = [
+    "PolicyBatch",
+    "PolicyStepResult",
+    "CriticFitResult",
+    "surrogate",
+    "mean_kl",
+    "policy_step",
+    "fit_critic",
+    "explained_variance",
+]
+
+
+@dataclass(frozen=True)
+class PolicyBatch:
+    """The flattened batch one policy step uses (B = n_envs · n_steps transitions).
+
+    Attributes:
+        obs: ``(B, *obs_shape)`` observations as the policy saw them (normalised).
+        actions: ``(B, ...)`` actions taken (unclipped samples for Box spaces).
+        advantages: ``(B,)`` advantage estimates Â_t (already normalised if configured).
+    """
+
+    obs: Tensor
+    actions: Tensor
+    advantages: Tensor
+
+
+@dataclass(frozen=True)
+class PolicyStepResult:
+    """What one trust-region policy step decided (Python numbers, for logging).
+
+    Attributes:
+        applied: The line search accepted a point and it was written into the actor.
+        status: ``natural_step``'s status name (``OK``, ``ZERO_GRADIENT``, ...).
+        kl: Exact mean KL(π_old‖π_new) at the accepted point (0 when not applied).
+        surrogate_improvement: L(θ_new) − L(θ_old) (0 when not applied).
+        expected_improvement: gᵀΔθ of the full step (linear model).
+        step_fraction: βᵏ of the accepted candidate (0 when not applied).
+        line_search_tries: Candidates evaluated.
+        cg_iterations: CG iterations done.
+        cg_residual: ‖r‖ / ‖g‖ of the CG solve (relative residual).
+        grad_norm: ‖g‖.
+        step_norm: ‖θ_new − θ_old‖.
+        entropy: Mean policy entropy at θ_old over the batch.
+    """
+
+    applied: bool
+    status: str
+    kl: float
+    surrogate_improvement: float
+    expected_improvement: float
+    step_fraction: float
+    line_search_tries: int
+    cg_iterations: int
+    cg_residual: float
+    grad_norm: float
+    step_norm: float
+    entropy: float
+
+
+@dataclass(frozen=True)
+class CriticFitResult:
+    """Mean squared error of the critic over its last epoch, and the number of Adam steps."""
+
+    value_loss: float
+    steps: int
+
+
+def surrogate(
+    actor: Actor,
+    params: Mapping[str, Tensor],
+    batch: PolicyBatch,
+    log_prob_old: Tensor,
+) -> Tensor:
+    """L(θ) = mean_t [ exp(log π_θ(a_t|s_t) − log π_old(a_t|s_t)) · Â_t ], a 0-d tensor."""
+    dist = actor.functional_dist_params(params, batch.obs)
+    ratio = torch.exp(log_prob(actor.family, dist, batch.actions) - log_prob_old)
+    return (ratio * batch.advantages).mean()
+
+
+def mean_kl(actor: Actor, params: Mapping[str, Tensor], obs: Tensor, dist_old) -> Tensor:
+    """D̄_KL(θ) = mean_s KL(π_old(·|s) ‖ π_θ(·|s)) in closed form, a 0-d tensor."""
+    dist_new = actor.functional_dist_params(params, obs)
+    return kl_divergence(actor.family, dist_old, dist_new).mean()
+
+
+def _detach(dist):
+    if isinstance(dist, (list, tuple)):
+        return type(dist)(d.detach() for d in dist)
+    return dist.detach()
+
+
+def policy_step(
+    actor: Actor,
+    batch: PolicyBatch,
+    *,
+    max_kl: float,
+    cg_iters: int,
+    cg_damping: float,
+    cg_rtol: float = 0.0,
+    fvp_fraction: float = 1.0,
+    line_search_shrink: float = 0.8,
+    line_search_max_tries: int = 10,
+    line_search_accept_ratio: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> PolicyStepResult:
+    """One trust-region step of the actor, in place (only if the line search accepts).
+
+    Args:
+        actor: The policy π_θ; its parameters are θ_old on entry.
+        batch: States, actions and advantages collected by π_old.
+        max_kl: δ, the bound on the mean KL.
+        cg_iters: CG iterations (the maximum when ``cg_rtol > 0``).
+        cg_damping: λ in (H + λI)s = g.
+        cg_rtol: CG relative tolerance; 0 runs exactly ``cg_iters`` iterations.
+        fvp_fraction: Fraction of the states used for Fisher-vector products.
+        line_search_shrink: β of the backtracking θ_old + βᵏΔθ.
+        line_search_max_tries: Candidates tried.
+        line_search_accept_ratio: Required fraction of the expected improvement.
+        generator: RNG for the Fisher subsample.
+
+    Returns:
+        A :class:`PolicyStepResult`.
+    """
+    params = {name: p.detach() for name, p in actor.named_parameters()}
+    space = ParamSpace(params)
+    theta_old = space.ravel(params)
+
+    # π_old on the batch, fixed for the whole step: ratios are exactly 1 at θ_old.
+    with torch.no_grad():
+        dist_old = _detach(actor.functional_dist_params(params, batch.obs))
+        log_prob_old = log_prob(actor.family, dist_old, batch.actions)
+        policy_entropy = entropy(actor.family, dist_old).mean()
+
+    # (1, 2) Surrogate L(θ_old) and its gradient g.
+    surrogate_old, g = flat_grad(lambda p: surrogate(actor, p, batch, log_prob_old), params)
+
+    # (3) Fisher H on the same states (optionally a random fraction of them).
+    fvp_obs = batch.obs
+    n_states = batch.obs.shape[0]
+    if fvp_fraction < 1.0:
+        n_fvp = max(1, int(round(fvp_fraction * n_states)))
+        idx = torch.randperm(n_states, generator=generator, device="cpu")[:n_fvp]
+        fvp_obs = batch.obs[idx.to(batch.obs.device)]
+    fisher = fisher_operator(actor.functional_dist_params, params, fvp_obs, family=actor.family)
+
+    # (4) Natural step Δθ = sqrt(2δ / sᵀ(H+λI)s) · s, s ≈ (H+λI)⁻¹ g.
+    step = natural_step(
+        g,
+        fisher,
+        max_kl,
+        damping=cg_damping,
+        maxiter=cg_iters,
+        rtol=cg_rtol,
+        atol=0.0,
+        check_finite=False,
+    )
+
+    # (5) Backtracking line search on the exact surrogate and the exact mean KL.
+    with torch.no_grad():
+        result = line_search(
+            lambda theta: surrogate(actor, space.unravel(theta), batch, log_prob_old),
+            lambda theta: mean_kl(actor, space.unravel(theta), batch.obs, dist_old),
+            theta_old,
+            step.step,
+            max_constraint=max_kl,
+            expected_improvement=step.expected_improvement,
+            shrink=line_search_shrink,
+            max_tries=line_search_max_tries,
+            accept_ratio=line_search_accept_ratio,
+            objective_old=surrogate_old,
+        )
+        accepted = bool(result.accepted)
+        if accepted:
+            new_params = space.unravel(result.theta)
+            for name, p in actor.named_parameters():
+                p.copy_(new_params[name])
+
+    g_norm = float(torch.linalg.vector_norm(g))
+    cg = step.cg
+    return PolicyStepResult(
+        applied=accepted,
+        status=step.status.name,
+        kl=float(result.constraint) if accepted else 0.0,
+        surrogate_improvement=float(result.improvement) if accepted else 0.0,
+        expected_improvement=float(step.expected_improvement),
+        step_fraction=float(result.step_fraction) if accepted else 0.0,
+        line_search_tries=int(result.tries),
+        cg_iterations=int(cg.iterations),
+        cg_residual=float(cg.residual_norm) / g_norm if g_norm > 0 else 0.0,
+        grad_norm=g_norm,
+        step_norm=float(torch.linalg.vector_norm(result.theta - theta_old)) if accepted else 0.0,
+        entropy=float(policy_entropy),
+    )
+
+
+def fit_critic(
+    critic: Critic,
+    optimizer: torch.optim.Optimizer,
+    obs: Tensor,
+    returns: Tensor,
+    *,
+    epochs: int,
+    minibatch_size: int,
+    generator: torch.Generator | None = None,
+) -> CriticFitResult:
+    """Regress V_φ(s_t) on the GAE returns R_t: ``epochs`` passes of Adam over shuffled minibatches.
+
+    Loss per minibatch: mean_t (V_φ(s_t) − R_t)².
+
+    Args:
+        critic: The value network, trained in place.
+        optimizer: Its optimiser (state kept across updates).
+        obs: ``(B, *obs_shape)`` observations.
+        returns: ``(B,)`` targets.
+        epochs: Passes over the batch.
+        minibatch_size: Samples per Adam step (clipped to B).
+        generator: RNG of the shuffling.
+    """
+    n = obs.shape[0]
+    mb = max(1, min(minibatch_size, n))
+    steps = 0
+    epoch_loss = math.nan
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator, device="cpu").to(obs.device)
+        total = torch.zeros((), dtype=obs.dtype, device=obs.device)
+        for start in range(0, n, mb):
+            idx = perm[start : start + mb]
+            loss = (critic(obs[idx]) - returns[idx]).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total = total + loss.detach() * idx.numel()
+            steps += 1
+        epoch_loss = float(total) / n
+    return CriticFitResult(value_loss=epoch_loss, steps=steps)
+
+
+def explained_variance(values: Tensor, returns: Tensor) -> float:
+    """1 − Var(R − V) / Var(R): 1 = perfect critic, 0 = no better than a constant, NaN if Var(R)=0."""
+    var_returns = torch.var(returns)
+    if float(var_returns) == 0.0:
+        return math.nan
+    return float(1.0 - torch.var(returns - values) / var_returns)
