@@ -274,3 +274,32 @@ def test_inference_fn_matches_forward_and_follows_in_place_updates(family):
     actor2 = make_actor(space, ACTION_SPACES[family], hidden_sizes=(4,))
     obs2 = torch.randn(3, 2, 3)
     torch.testing.assert_close(actor2.inference_fn()(obs2), actor2(obs2), rtol=0, atol=0)
+
+
+# torch.func.hessian's forward-mode AD loads decompositions via torch.jit.script (torch internals).
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fisher_operator_on_the_actor_is_the_hessian_of_the_mean_kl(family):
+    """natgrad's Fisher of ``actor.functional_dist_params`` equals the dense Hessian of the
+    mean of this module's closed-form KL at θ = θ_old (interface check between the two)."""
+    from natgrad.curvature import fisher_operator
+    from natgrad.params import ParamSpace
+
+    torch.manual_seed(0)
+    actor = make_actor(OBS_SPACE, ACTION_SPACES[family], hidden_sizes=(4,)).double()
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = {k: v.detach() for k, v in actor.named_parameters()}
+    obs = torch.randn(6, 5, dtype=torch.float64)
+    fisher = fisher_operator(actor.functional_dist_params, params, obs, family=actor.family)
+    space = ParamSpace(params)
+    with torch.no_grad():
+        old = actor(obs)
+
+    def mean_kl(theta):
+        new = actor.functional_dist_params(space.unravel(theta), obs)
+        return kl_divergence(family, old, new).mean()
+
+    dense = torch.func.hessian(mean_kl)(space.ravel(params))
+    torch.testing.assert_close(fisher.to_dense(), dense, rtol=1e-10, atol=1e-12)
