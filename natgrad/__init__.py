@@ -1,0 +1,53 @@
+"""natgrad: matrix-free natural-gradient and trust-region linear algebra for PyTorch.
+
+* :mod:`natgrad.params`: :class:`ParamSpace` (parameter dict <-> flat vector), :func:`flat_grad`.
+* :mod:`natgrad.linop`: :class:`LinearOperator` on flat vectors (damping, dense, scipy).
+* :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators via ``torch.func``.
+* :mod:`natgrad.cg`: :func:`cg_solve` -> :class:`CGResult`.
+* :mod:`natgrad.trust_region`: :func:`natural_step`, :func:`line_search`.
+
+natgrad knows nothing of reinforcement learning: any model and any loss can use it.
+"""
+
+from natgrad.cg import CGError, CGIterate, CGResult, CGStatus, cg_solve
+from natgrad.curvature import (
+    FAMILIES,
+    CurvatureOperator,
+    fisher_operator,
+    ggn_operator,
+    hessian_operator,
+    kl_hessian_operator,
+)
+from natgrad.linop import LinearOperator
+from natgrad.params import ParamSpace, flat_grad
+from natgrad.trust_region import (
+    LineSearchResult,
+    NaturalStep,
+    StepStatus,
+    line_search,
+    natural_step,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAMILIES",
+    "CGError",
+    "CGIterate",
+    "CGResult",
+    "CGStatus",
+    "CurvatureOperator",
+    "LineSearchResult",
+    "LinearOperator",
+    "NaturalStep",
+    "ParamSpace",
+    "StepStatus",
+    "cg_solve",
+    "fisher_operator",
+    "flat_grad",
+    "ggn_operator",
+    "hessian_operator",
+    "kl_hessian_operator",
+    "line_search",
+    "natural_step",
+]
