@@ -342,18 +342,25 @@ def test_env_action_converter_does_not_modify_the_sample():
         # Both envs reach (k=1, s=2) at vector step t = 4 (episode 0 has 3 steps) -> 4·2.
         ({"nan_obs_at": (1, 2)}, "observation", 8),
         ({"nan_reward_at": (0, 2)}, "reward", 2),
+        # Episode 0 terminates at s = 3 (vector step 2): its final observation is NaN.
+        ({"nan_obs_at": (0, 3)}, "final observation", 4),
+        # The env crashes one step after a NaN: the NaN is reported (as the cause's context).
+        ({"nan_obs_at": (0, 1), "raise_at": (0, 2)}, "observation", 0),
     ],
 )
+@pytest.mark.filterwarnings("ignore:.*not within the observation space:UserWarning")
 def test_non_finite_env_output_names_env_and_step(kwargs, what, step):
     envs, actor, critic, state = _setup(**kwargs)
     norm = RunningMeanStd((3,))
     with pytest.raises(
         ValueError, match=rf"{COUNTER_ID}.*non-finite {what} at global step {step}\b"
-    ):
+    ) as info:
         collect_rollout(
             envs, actor, critic, 10, state=state, generator=torch.Generator(), obs_normalizer=norm
         )
     envs.close()
+    if "raise_at" in kwargs:
+        assert isinstance(info.value.__cause__, KeyError)
     assert state.global_step == 0 and float(norm.count) == 0
 
 

@@ -480,28 +480,27 @@ class Actor(_MLP):
         assign=True)``), so build it anew for each rollout.
         """
         weights = self._weights()
-        family, nvec = self.family, self.nvec
+        # addmm(b, x, Wᵀ) on a transposed *view* is the kernel F.linear uses for 2-D
+        # inputs (same result), minus one dispatch layer; tanh_ reuses the buffer.
+        hidden = tuple((b, w.t()) for w, b in weights[:-1])
+        b_out, wt_out = weights[-1][1], weights[-1][0].t()
         flatten = self._flatten_obs if len(self.obs_shape) != 1 else None
+
+        def trunk(obs: Tensor) -> Tensor:
+            x = flatten(obs) if flatten is not None else obs
+            if x.dim() != 2:
+                return _mlp_forward(x, weights)
+            for b, wt in hidden:
+                x = torch.addmm(b, x, wt).tanh_()
+            return torch.addmm(b_out, x, wt_out)
+
+        family, nvec = self.family, self.nvec
         if family == "diag_gaussian":
             log_std = self.log_std
-
-            def gaussian(obs: Tensor) -> DistParams:
-                x = flatten(obs) if flatten is not None else obs
-                return _mlp_forward(x, weights), log_std
-
-            return gaussian
+            return lambda obs: (trunk(obs), log_std)
         if family == "multi_categorical":
-
-            def multi(obs: Tensor) -> DistParams:
-                x = flatten(obs) if flatten is not None else obs
-                return list(torch.split(_mlp_forward(x, weights), nvec, dim=-1))
-
-            return multi
-
-        def logits(obs: Tensor) -> DistParams:
-            return _mlp_forward(flatten(obs) if flatten is not None else obs, weights)
-
-        return logits
+            return lambda obs: list(torch.split(trunk(obs), nvec, dim=-1))
+        return trunk
 
     def functional_dist_params(self, params: Mapping[str, Tensor], obs: Tensor) -> DistParams:
         """``forward`` with the parameters taken from ``params`` (``functional_call``).

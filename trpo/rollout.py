@@ -23,10 +23,9 @@ Where the time goes, and what :func:`collect_rollout` does about it:
   ``log π(a_t|s_t)`` are computed after the loop in one batched pass each,
   which is mathematically the same and far cheaper than ``T`` small passes.
 * Rewards, flags and raw observations go into preallocated numpy arrays
-  (``numpy`` slice assignment is cheaper than a torch ``copy_`` on tiny arrays),
-  episode statistics are computed after the loop from those arrays, and the
-  finiteness check is one ``sum`` per step (the exact check runs only when the
-  sum is not finite).
+  (``numpy`` slice assignment is cheaper than a torch ``copy_`` on tiny arrays);
+  episode statistics and the finiteness check run once after the loop, on
+  those arrays.
 
 Observation normalisation: the policy sees ``normalize(obs)`` with the
 statistics as they were at the start of the rollout (so every observation of a
@@ -38,7 +37,6 @@ is likewise applied to the whole ``(T, N)`` block after the rollout.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -236,18 +234,39 @@ def _check_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> torch.devi
     return p.device
 
 
-def _nonfinite_error(env_id: str, step: int, what: str, arrays: Sequence[np.ndarray]) -> None:
-    """Raise if any array is non-finite (the exact check, run only on the slow path)."""
-    bad = [
-        np.flatnonzero(~np.isfinite(np.asarray(a, dtype=np.float64).reshape(len(a), -1)).all(1))
-        for a in arrays
-    ]
-    envs_bad = sorted({int(i) for b in bad for i in b})
-    if envs_bad:
+def _raise_if_nonfinite(
+    env_id: str,
+    step0: int,
+    next_obs: np.ndarray,
+    rewards: np.ndarray,
+    finals: Sequence[tuple[int, int, np.ndarray]],
+    cause: BaseException | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the first vector step with a non-finite output.
+
+    ``next_obs`` ``(t, N, ...)`` and ``rewards`` ``(t, N)`` are the rows stored so far
+    (row ``j`` came from vector step ``j``); ``finals`` the final observations.
+    """
+    n_rows, n_envs = rewards.shape
+    bad = {
+        "observation": ~np.isfinite(next_obs.reshape(n_rows, n_envs, -1)).all(-1),
+        "reward": ~np.isfinite(rewards),
+        "final observation": np.zeros((n_rows, n_envs), dtype=np.bool_),
+    }
+    for t, i, f in finals:
+        if t < n_rows and not np.isfinite(f).all():
+            bad["final observation"][t, i] = True
+    first = None
+    for what, mask in bad.items():
+        rows = np.flatnonzero(mask.any(1))
+        if rows.size and (first is None or rows[0] < first[0]):
+            first = (int(rows[0]), what, np.flatnonzero(mask[rows[0]]).tolist())
+    if first is not None:
+        t, what, envs_bad = first
         raise ValueError(
-            f"env {env_id!r} returned a non-finite {what} at global step {step} "
-            f"(env indices {envs_bad}); nothing from this step was stored"
-        )
+            f"env {env_id!r} returned a non-finite {what} at global step {step0 + t * n_envs} "
+            f"(env indices {envs_bad}); the rollout was discarded and no statistic updated"
+        ) from cause
 
 
 def collect_rollout(
@@ -285,8 +304,8 @@ def collect_rollout(
 
     Raises:
         ValueError: On bad arguments, or a non-finite observation or reward
-            (naming the env and the global step; raised before anything of that
-            step is stored or any statistic is updated).
+            (naming the env and the global step of the first one; raised before
+            anything is returned or any statistic or ``state`` is updated).
         RuntimeError: If an env raises during ``step`` (naming the env and step).
             After either error the envs are in an unknown state: reset them
             with :func:`init_rollout_state`.
@@ -343,26 +362,25 @@ def collect_rollout(
             try:
                 obs, rew, term, trunc, infos = envs.step(to_env(a_np))
             except Exception as e:
+                # A non-finite output before the crash is the likelier root cause.
+                _raise_if_nonfinite(env_id, step0, obs_buf[1 : t + 1], rew_buf[:t], finals, e)
                 raise RuntimeError(
                     f"env {env_id!r} raised during step at global step {step0 + t * N}: "
                     f"{type(e).__name__}: {e}"
                 ) from e
-            # One reduction catches NaN/inf (a sum of finite values only overflows for
-            # |values| ~ 1e38 (float32), in which case the exact check below decides).
-            if not math.isfinite(obs.sum() + rew.sum()):
-                _nonfinite_error(env_id, step0 + t * N, "observation", [obs])
-                _nonfinite_error(env_id, step0 + t * N, "reward", [rew])
             if "_final_obs" in infos:
                 fin = infos["final_obs"]
                 for i in np.flatnonzero(infos["_final_obs"]):
-                    f = np.asarray(fin[i])
-                    if not np.isfinite(f).all():
-                        _nonfinite_error(env_id, step0 + t * N, "final observation", [f[None]])
-                    finals.append((t, int(i), f))
+                    finals.append((t, int(i), np.asarray(fin[i])))
             obs_buf[t + 1] = obs
             rew_buf[t] = rew
             term_buf[t] = term
             trunc_buf[t] = trunc
+
+    # One vectorised check for the whole rollout instead of one per step; the policy
+    # may have acted on a non-finite observation meanwhile, but nothing of this
+    # rollout is returned, stored or used to update any statistic.
+    _raise_if_nonfinite(env_id, step0, obs_buf[1:], rew_buf, finals)
 
     # ---- after the loop: batched critic / log-prob passes, statistics -----------------
     obs_all = torch.from_numpy(obs_buf).to(device)
