@@ -11,6 +11,7 @@ fresh episodes.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import math
 import sys
@@ -19,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 
+from natgrad.trust_region import StepStatus
 from trpo.checkpoint import (
     capture_rng_state,
+    checkpoint_path,
     load_latest_checkpoint,
     restore_rng_state,
     save_run_checkpoint,
@@ -35,7 +39,13 @@ from trpo.logger import MetricsLogger, ProgressBar, plot_learning_curve, read_me
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.policy import Actor, Critic, make_actor, make_critic, observation_dim
 from trpo.rollout import collect_rollout, init_rollout_state, make_envs
-from trpo.update import PolicyBatch, explained_variance, fit_critic, policy_step
+from trpo.update import (
+    CriticFitResult,
+    PolicyBatch,
+    explained_variance,
+    fit_critic,
+    policy_step,
+)
 
 __all__ = ["TrainResult", "TrainingError", "train"]
 
@@ -79,6 +89,16 @@ def _env_reset_seed(config: TRPOConfig, update: int) -> int:
     return config.seed + 7919 * update
 
 
+def _dist_param_dim(action_space: gym.Space) -> int:
+    """Distribution parameters per state (``check_memory``'s ``act_dim``): K logits for
+    Discrete(K), Σ K_i for MultiDiscrete, the flat size for Box / MultiBinary."""
+    if isinstance(action_space, gym.spaces.Discrete):
+        return int(action_space.n)
+    if isinstance(action_space, gym.spaces.MultiDiscrete):
+        return int(np.sum(action_space.nvec))
+    return int(np.prod(action_space.shape)) if action_space.shape else 1
+
+
 def _is_finite_module(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
@@ -110,6 +130,10 @@ def train(config: TRPOConfig) -> TrainResult:
         config = dataclasses.replace(config, run_name=Path(config.resume).name)
     config = config.resolved()
     check_env_id(config.env_id)
+    # The exact memory estimate needs the spaces, known only once an env exists; with the
+    # smallest spaces (1, 1) it is a lower bound, so a hopeless batch is refused before any
+    # env is created. _train repeats it with the real sizes before allocating anything.
+    check_memory(config, 1, 1)
 
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
@@ -124,8 +148,7 @@ def train(config: TRPOConfig) -> TrainResult:
 
 def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dtype) -> TrainResult:
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
-    act_dim = int(np.prod(act_space.shape)) if act_space.shape else 1
-    check_memory(config, observation_dim(obs_space), act_dim)
+    check_memory(config, observation_dim(obs_space), _dist_param_dim(act_space))
 
     torch.manual_seed(config.seed)
     actor = make_actor(obs_space, act_space, config.hidden_sizes).to(device=device, dtype=dtype)
@@ -161,14 +184,23 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
             obs_rms.load_state_dict(state["obs_rms"])
         if reward_scaler is not None:
             reward_scaler.load_state_dict(state["reward_scaler"])
+            # The episodes in progress are not resumed (fresh ones start), so neither are
+            # their discounted-return accumulators; the return statistics are.
+            reward_scaler.returns[:] = 0.0
         restore_rng_state(state["rng"], torch_generator=generator)
         cpu_generator.set_state(state["rng_cpu"])
         start_update, global_step = int(state["update"]), int(state["global_step"])
         print(f"resumed {run_dir} from {loaded.path.name} at step {global_step}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir)
+    # The state at the start of update u is saved as ckpt_u at most once: an error path
+    # that would save the same state again (e.g. right after a resume) leaves the file be.
+    last_saved = start_update if config.resume is not None else -1
 
     def checkpoint(update: int) -> None:
+        nonlocal last_saved
+        if update == last_saved:
+            return
         state = {
             "actor": actor.state_dict(),
             "critic": critic.state_dict(),
@@ -185,6 +217,7 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
             state["reward_scaler"] = reward_scaler.state_dict()
         logger.flush()
         save_run_checkpoint(run_dir, update, state, keep=config.keep_checkpoints)
+        last_saved = update
 
     logger = MetricsLogger(
         run_dir,
@@ -202,6 +235,7 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
         for update in range(start_update, config.num_updates):
             # --- 1. rollout with π_old ----------------------------------------------------
             t0 = time.perf_counter()
+            noise_state = generator.get_state()
             try:
                 rollout = collect_rollout(
                     envs,
@@ -215,6 +249,10 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                     dtype=dtype,
                 )
             except (ValueError, RuntimeError) as e:
+                # A failed rollout changes no saved state (statistics and episode counters
+                # are updated only on success) except the action noise drawn: undo that, so
+                # the checkpoint is exactly the state after the last completed update.
+                generator.set_state(noise_state)
                 checkpoint(update)
                 raise TrainingError(
                     f"{e}; the checkpoint of the last completed update ({update}) is in "
@@ -240,6 +278,10 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                 adv = normalize_advantages(adv)
 
             # --- 3. trust-region policy step -------------------------------------------------
+            # A non-finite iteration must change no parameter: keep all it could touch.
+            backup = copy.deepcopy(
+                (actor.state_dict(), critic.state_dict(), critic_opt.state_dict())
+            )
             step = policy_step(
                 actor,
                 PolicyBatch(obs=obs, actions=actions, advantages=adv),
@@ -256,40 +298,34 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
             t2 = time.perf_counter()
 
             # --- 4. critic regression on the GAE returns ----------------------------------
-            critic_backup = {k: v.clone() for k, v in critic.state_dict().items()}
-            opt_backup = critic_opt.state_dict()
-            fit = fit_critic(
-                critic,
-                critic_opt,
-                obs,
-                returns.reshape(-1),
-                epochs=config.critic_epochs,
-                minibatch_size=config.critic_minibatch_size,
-                generator=cpu_generator,
-            )
-            critic_ok = math.isfinite(fit.value_loss) and _is_finite_module(critic)
-            if not critic_ok:
-                critic.load_state_dict(critic_backup)
-                critic_opt.load_state_dict(opt_backup)
+            policy_ok = step.status != StepStatus.NON_FINITE.name
+            fit = CriticFitResult(value_loss=math.nan, steps=0)
+            if policy_ok:  # a batch that broke the policy step is not fitted either
+                fit = fit_critic(
+                    critic,
+                    critic_opt,
+                    obs,
+                    returns.reshape(-1),
+                    epochs=config.critic_epochs,
+                    minibatch_size=config.critic_minibatch_size,
+                    generator=cpu_generator,
+                )
+            update_ok = policy_ok and math.isfinite(fit.value_loss) and _is_finite_module(critic)
             t3 = time.perf_counter()
 
             # --- 5. failure accounting: a non-finite update is never applied ----------------
-            nonfinite = step.status == "NON_FINITE" or not critic_ok
-            failures = failures + 1 if nonfinite else 0
-            if nonfinite:
+            failures = 0 if update_ok else failures + 1
+            if not update_ok:
+                actor.load_state_dict(backup[0])
+                critic.load_state_dict(backup[1])
+                critic_opt.load_state_dict(backup[2])
                 _print(
-                    f"update {update + 1}: non-finite {'policy step' if step.status == 'NON_FINITE' else 'critic loss'}"
+                    f"update {update + 1}: non-finite {'critic fit' if policy_ok else 'policy step'}"
                     f" rejected, parameters kept ({failures}/{config.max_consecutive_failures})",
                     bar,
                 )
-            if failures >= config.max_consecutive_failures:
-                checkpoint(update + 1)
-                raise TrainingError(
-                    f"{failures} consecutive updates were non-finite (last: policy status "
-                    f"{step.status}, critic loss {fit.value_loss}); the last good parameters "
-                    f"are saved in {run_dir}. Try a smaller max_kl, more cg_damping, "
-                    f"normalize_obs/normalize_reward, or float64."
-                )
+            elif step.status != StepStatus.OK.name:  # degenerate but safe: a logged no-op
+                _print(f"update {update + 1}: {StepStatus[step.status].message}", bar)
 
             # --- 6. log ---------------------------------------------------------------------
             recent_returns.extend(rollout.episode_returns.tolist())
@@ -317,7 +353,9 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                 "trpo/explained_variance": explained_variance(
                     rollout.values.reshape(-1), returns.reshape(-1)
                 ),
-                "trpo/value_loss": fit.value_loss,
+                "trpo/value_loss": fit.value_loss if policy_ok else None,
+                "trpo/nonfinite_update": float(not update_ok),
+                "trpo/consecutive_failures": failures,
                 "natgrad/cg_iterations": step.cg_iterations,
                 "natgrad/cg_residual": step.cg_residual,
                 "time/rollout_seconds": t1 - t0,
@@ -325,7 +363,8 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                 "time/critic_seconds": t3 - t2,
                 "time/update_seconds": t3 - t1,
             }
-            if (update + 1) % config.log_every == 0 or update + 1 == config.num_updates:
+            last = update + 1 == config.num_updates
+            if (update + 1) % config.log_every == 0 or last or not update_ok:
                 logger.log(
                     global_step, {k: v for k, v in metrics.items() if not isinstance(v, str)}
                 )
@@ -338,7 +377,16 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                     flush=True,
                 )
 
-            # --- 7. checkpoint ----------------------------------------------------------------
+            # --- 7. checkpoint (the last good state first, when giving up) --------------------
+            if failures >= config.max_consecutive_failures:
+                checkpoint(update + 1)
+                raise TrainingError(
+                    f"{failures} consecutive updates were non-finite and rejected (last: policy "
+                    f"step {step.status}, critic loss {fit.value_loss}); the parameters of the "
+                    f"last good update are saved in {checkpoint_path(run_dir, update + 1)}. "
+                    "Try a smaller max_kl, more cg_damping, normalize_obs/normalize_reward, "
+                    "or float64."
+                )
             if (update + 1) % config.checkpoint_every == 0 and update + 1 < config.num_updates:
                 checkpoint(update + 1)
         checkpoint(config.num_updates)

@@ -215,9 +215,12 @@ def policy_step(
 
     g_norm = float(torch.linalg.vector_norm(g))
     cg = step.cg
+    # A non-finite L(θ_old) makes the step meaningless even if g happened to be finite
+    # (the line search then rejects every candidate, so nothing was applied).
+    status = step.status.name if bool(torch.isfinite(surrogate_old)) else "NON_FINITE"
     return PolicyStepResult(
         applied=accepted,
-        status=step.status.name,
+        status=status,
         kl=float(result.constraint) if accepted else 0.0,
         surrogate_improvement=float(result.improvement) if accepted else 0.0,
         expected_improvement=float(step.expected_improvement),
