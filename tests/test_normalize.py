@@ -144,3 +144,14 @@ def test_reward_scaler_frozen_clip_and_state(tmp_path):
         RewardScaler(gamma=0.0, n_envs=1)
     with pytest.raises(ValueError, match="rewards and dones"):
         scaler.scale(torch.zeros(4, 2), torch.zeros(4, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_normalizer_is_identical_to_normalize(dtype):
+    rms = RunningMeanStd((3,), clip=2.0)
+    rms.update(torch.randn(50, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1)
+    x = (np.random.default_rng(0).normal(size=(20, 3)) * 4).astype(dtype)
+    out = rms.numpy_normalizer(dtype)(x)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, rms.normalize(torch.from_numpy(x)).numpy())
+    assert np.abs(out).max() == 2.0

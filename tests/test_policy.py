@@ -303,3 +303,21 @@ def test_fisher_operator_on_the_actor_is_the_hessian_of_the_mean_kl(family):
 
     dense = torch.func.hessian(mean_kl)(space.ravel(params))
     torch.testing.assert_close(fisher.to_dense(), dense, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_numpy_inference_fn_matches_forward(family):
+    for space, shape in ((OBS_SPACE, (5,)), (gym.spaces.Box(-1, 1, shape=(2, 3)), (2, 3))):
+        actor = make_actor(space, ACTION_SPACES[family], hidden_sizes=(16, 8)).double()
+        obs = torch.randn(B, *shape, dtype=torch.float64)
+        out = actor.numpy_inference_fn()(obs.numpy())
+        ref = actor(obs)
+        if family == "diag_gaussian":
+            np.testing.assert_allclose(out[0], ref[0].detach().numpy(), rtol=1e-12, atol=1e-12)
+            np.testing.assert_array_equal(out[1], ref[1].detach().numpy())
+        elif family == "multi_categorical":
+            assert len(out) == len(ref)
+            for o, r in zip(out, ref):
+                np.testing.assert_allclose(o, r.detach().numpy(), rtol=1e-12, atol=1e-12)
+        else:
+            np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-12)

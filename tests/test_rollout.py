@@ -143,17 +143,19 @@ def _check_counter_rollout(r: Rollout, first_obs: torch.Tensor) -> None:
     assert r.terminations.any() and r.truncations.any()
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_no_reset_transition_and_true_final_obs_bootstrap(dtype):
+def test_no_reset_transition_and_true_final_obs_bootstrap(dtype, backend):
     envs, actor, critic, state = _setup(dtype=dtype)
     g = torch.Generator().manual_seed(0)
+    kw = dict(generator=g, dtype=dtype, policy_backend=backend)
     try:
         first = torch.from_numpy(state.obs.copy())
-        r1 = collect_rollout(envs, actor, critic, 13, state=state, generator=g, dtype=dtype)
+        r1 = collect_rollout(envs, actor, critic, 13, state=state, **kw)
         _check_counter_rollout(r1, first)
         # The second rollout continues where the first stopped (mid-episode).
         first = torch.from_numpy(state.obs.copy())
-        r2 = collect_rollout(envs, actor, critic, 9, state=state, generator=g, dtype=dtype)
+        r2 = collect_rollout(envs, actor, critic, 9, state=state, **kw)
         _check_counter_rollout(r2, first)
         assert torch.equal(r2.obs[0].double()[:, :2], first.double()[:, :2])
     finally:
@@ -384,8 +386,39 @@ def test_bad_arguments():
         collect_rollout(
             envs, actor, critic, 2, state=state, generator=torch.Generator(), dtype=torch.float64
         )
+    with pytest.raises(ValueError, match="policy_backend"):
+        collect_rollout(
+            envs, actor, critic, 2, state=state, generator=torch.Generator(), policy_backend="jax"
+        )
     envs.close()
     next_step = gym.make_vec(COUNTER_ID, 1)
     with pytest.raises(ValueError, match="SAME_STEP"):
         init_rollout_state(next_step, 0)
     next_step.close()
+
+
+@pytest.mark.parametrize("kind", ["box", "discrete", "multi_discrete", "multi_binary"])
+def test_numpy_and_torch_backends_sample_the_same_actions(kind):
+    rollouts = {}
+    for backend in ("numpy", "torch"):
+        envs = make_envs(ECHO_ID, 2, env_kwargs={"kind": kind})
+        torch.manual_seed(0)
+        actor = make_actor(envs.single_observation_space, envs.single_action_space)
+        with torch.no_grad():  # move away from the near-uniform initial policy
+            for p in actor.parameters():
+                p.add_(torch.randn_like(p))
+        critic = nn.Sequential(nn.Linear(2, 1), nn.Flatten(0))
+        norm = RunningMeanStd((2,))
+        norm.update(torch.randn(10, 2, generator=torch.Generator().manual_seed(1)))
+        state = init_rollout_state(envs, 0)
+        gen = torch.Generator().manual_seed(0)
+        kw = dict(state=state, generator=gen, obs_normalizer=norm, policy_backend=backend)
+        rollouts[backend] = [collect_rollout(envs, actor, critic, 30, **kw) for _ in range(2)]
+        envs.close()
+    for rn, rt in zip(rollouts["numpy"], rollouts["torch"]):
+        torch.testing.assert_close(rn.obs, rt.obs, rtol=0, atol=0)
+        if kind == "box":
+            # float32 rounding differs (BLAS order, fused multiply-add): a few ulps.
+            torch.testing.assert_close(rn.actions, rt.actions, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(rn.actions, rt.actions)

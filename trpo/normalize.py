@@ -19,7 +19,7 @@ with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -172,6 +172,22 @@ class RunningMeanStd:
         if self.clip is not None:
             out = out.clamp_(-self.clip, self.clip)
         return out
+
+    def numpy_normalizer(self, dtype: np.dtype | type) -> Callable[[np.ndarray], np.ndarray]:
+        """:meth:`normalize` for numpy arrays of ``dtype``, with the *current* statistics.
+
+        The factors are cast exactly as :meth:`normalize` casts them, so for the same
+        input dtype the two give identical results. Build a new one after an update.
+        """
+        mean = self.mean.numpy().astype(dtype)
+        inv_std = (1.0 / self.std).numpy().astype(dtype)
+        clip = self.clip
+
+        def normalize(x: np.ndarray) -> np.ndarray:
+            out = (x - mean) * inv_std
+            return np.clip(out, -clip, clip, out=out) if clip is not None else out
+
+        return normalize
 
     def denormalize(self, y: Tensor) -> Tensor:
         """Inverse of :meth:`normalize` without clipping: ``y·sqrt(var + ε) + mean``."""

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -269,6 +269,68 @@ def _raise_if_nonfinite(
         ) from cause
 
 
+def _torch_policy(
+    actor: Actor, noise: Tensor | list[Tensor], normalizer: RunningMeanStd | None, device
+) -> Callable[[int, np.ndarray], np.ndarray]:
+    """``(t, raw obs (N, ...)) -> action (numpy)`` with the torch actor (any device)."""
+    policy, family = actor.inference_fn(), actor.family
+    normalize = normalizer.normalize if normalizer is not None else None
+    cpu = device.type == "cpu"
+    # Per-step noise views made once (indexing a list of heads every step costs more).
+    steps = list(zip(*(n.unbind(0) for n in noise))) if isinstance(noise, list) else noise.unbind(0)
+
+    def act(t: int, obs: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(obs)
+        if not cpu:
+            x = x.to(device, non_blocking=True)
+        if normalize is not None:
+            x = normalize(x)
+        a = sample_from_noise(family, policy(x), steps[t])
+        return a.numpy() if cpu else a.cpu().numpy()
+
+    return act
+
+
+def _numpy_policy(
+    actor: Actor, noise: Tensor | list[Tensor], normalizer: RunningMeanStd | None, dtype
+) -> Callable[[int, np.ndarray], np.ndarray]:
+    """The same map as :func:`_torch_policy` in numpy (CPU actor): the sampling rules of
+    :func:`trpo.policy.sample_from_noise` applied to :meth:`Actor.numpy_inference_fn`."""
+    policy, family = actor.numpy_inference_fn(), actor.family
+    normalize = normalizer.numpy_normalizer(dtype) if normalizer is not None else None
+    if family == "multi_categorical":
+        heads = [n.numpy() for n in noise]
+        steps = [[h[t] for h in heads] for t in range(heads[0].shape[0])]
+    else:
+        steps = noise.numpy()
+
+    if family == "categorical":
+
+        def sample(params, eps):
+            return (params + eps).argmax(-1)
+
+    elif family == "diag_gaussian":
+        std = np.exp(actor.log_std.detach().numpy())
+
+        def sample(params, eps):
+            return params[0] + std * eps
+
+    elif family == "multi_categorical":
+
+        def sample(params, eps):
+            return np.stack([(lg + g).argmax(-1) for lg, g in zip(params, eps)], axis=-1)
+
+    else:
+
+        def sample(params, eps):
+            return (params > eps).astype(params.dtype)
+
+    def act(t: int, obs: np.ndarray) -> np.ndarray:
+        return sample(policy(normalize(obs) if normalize is not None else obs), steps[t])
+
+    return act
+
+
 def collect_rollout(
     envs: VectorEnv,
     actor: Actor,
@@ -280,6 +342,7 @@ def collect_rollout(
     obs_normalizer: RunningMeanStd | None = None,
     reward_scaler: RewardScaler | None = None,
     dtype: torch.dtype = torch.float32,
+    policy_backend: Literal["auto", "numpy", "torch"] = "auto",
 ) -> Rollout:
     """Step the vector env ``n_steps`` times with the current policy.
 
@@ -298,6 +361,11 @@ def collect_rollout(
             and its statistics are updated after the rollout (unless frozen).
         reward_scaler: If given, ``Rollout.rewards`` are scaled by it.
         dtype: Floating dtype of the stored tensors (float32 or float64).
+        policy_backend: How the per-step policy runs: ``"numpy"`` (CPU actors; a
+            numpy op costs a fraction of a torch op on tiny arrays), ``"torch"``
+            (any device), ``"auto"`` (numpy on CPU). Both sample from the same noise
+            and agree up to float rounding; the stored log-probabilities are always
+            computed by the torch actor afterwards.
 
     Returns:
         The :class:`Rollout`.
@@ -314,6 +382,10 @@ def collect_rollout(
         raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
     if dtype not in _NUMPY_DTYPES:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if policy_backend not in ("auto", "numpy", "torch"):
+        raise ValueError(
+            f"policy_backend must be 'auto', 'numpy' or 'torch', got {policy_backend!r}"
+        )
     device = _check_dtype(actor, "actor", dtype)
     _check_dtype(critic, "critic", dtype)
     T, N = n_steps, envs.num_envs
@@ -326,6 +398,8 @@ def collect_rollout(
     env_id, step0 = state.env_id, state.global_step
     normalize = obs_normalizer.normalize if obs_normalizer is not None else None
     cpu = device.type == "cpu"
+    if policy_backend == "numpy" and not cpu:
+        raise ValueError("policy_backend='numpy' needs the actor on the CPU")
 
     # Preallocated buffers: raw obs in the rollout dtype (row t+1 is s_{t+1}, or the
     # first obs of the next episode), rewards/flags in numpy, actions in numpy.
@@ -337,25 +411,17 @@ def collect_rollout(
     finals: list[tuple[int, int, np.ndarray]] = []
     act_buf: np.ndarray | None = None
 
-    def policy_input(t: int) -> Tensor:
-        x = torch.from_numpy(obs_buf[t])
-        if not cpu:
-            x = x.to(device, non_blocking=True)
-        return normalize(x) if normalize is not None else x
-
-    policy = actor.inference_fn()  # no nn.Module dispatch in the per-step loop
     with torch.inference_mode():
-        params = policy(policy_input(0))
-        noise = draw_noise(family, params, generator, batch_shape=(T,))
-        # Per-step noise views, made once (indexing a list of heads every step costs more).
-        step_noise = (
-            list(zip(*(n.unbind(0) for n in noise))) if isinstance(noise, list) else noise.unbind(0)
-        )
+        # One torch forward on s_0 gives the shapes for drawing the rollout's noise.
+        x0 = torch.from_numpy(obs_buf[0]).to(device)
+        probe = actor.inference_fn()(normalize(x0) if normalize is not None else x0)
+        noise = draw_noise(family, probe, generator, batch_shape=(T,))
+        if policy_backend == "numpy" or (policy_backend == "auto" and cpu):
+            act = _numpy_policy(actor, noise, obs_normalizer, obs_buf.dtype)
+        else:
+            act = _torch_policy(actor, noise, obs_normalizer, device)
         for t in range(T):
-            if t:
-                params = policy(policy_input(t))
-            a = sample_from_noise(family, params, step_noise[t])
-            a_np = a.numpy() if cpu else a.cpu().numpy()
+            a_np = act(t, obs_buf[t])
             if act_buf is None:
                 act_buf = np.empty((T, *a_np.shape), dtype=a_np.dtype)
             act_buf[t] = a_np
