@@ -196,23 +196,32 @@ def test_episode_statistics_span_rollouts():
     assert state.episode_lengths.tolist() == [1] and state.episode_returns.tolist() == [41.0]
 
 
-def test_async_envs_give_the_same_rollout():
+@pytest.mark.parametrize("mode", ["async", "sync_via_envs_step"])
+def test_vector_step_path_gives_the_same_rollout_as_the_direct_sync_path(mode):
+    """Sync envs are stepped directly by the collector; async ones, and sync ones hidden
+    behind a VectorWrapper, through ``envs.step``. All give the same rollout."""
     results = []
-    for async_ in (False, True):
-        envs, actor, critic, state = _setup(async_=async_)
+    for variant in ("direct", mode):
+        envs, actor, critic, state = _setup(async_=variant == "async")
+        if variant == "sync_via_envs_step":
+            envs = gym.vector.VectorWrapper(envs)
         torch.manual_seed(0)
         actor = make_actor(envs.single_observation_space, envs.single_action_space)
+        gen = torch.Generator().manual_seed(1)
         try:
-            first = torch.from_numpy(state.obs.copy())
-            r = collect_rollout(
-                envs, actor, critic, 11, state=state, generator=torch.Generator().manual_seed(1)
-            )
+            rs = []
+            for _ in range(2):
+                first = torch.from_numpy(state.obs.copy())
+                rs.append(collect_rollout(envs, actor, critic, 11, state=state, generator=gen))
+                _check_counter_rollout(rs[-1], first)
         finally:
             envs.close()
-        _check_counter_rollout(r, first)
-        results.append(r)
-    for name in ("obs", "actions", "log_probs", "rewards", "values", "next_values"):
-        assert torch.equal(getattr(results[0], name), getattr(results[1], name)), name
+        results.append(rs)
+    for a, b in zip(*results):
+        for name in ("obs", "actions", "log_probs", "rewards", "values", "next_values"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(a.terminations, b.terminations)
+        assert torch.equal(a.episode_returns, b.episode_returns)
 
 
 def test_seeds_differ_per_env_and_runs_are_reproducible():

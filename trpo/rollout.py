@@ -9,21 +9,27 @@ a real one: gymnasium's default next-step mode, where the step after an episode
 end is a fake "reset transition", never arises here, and the value of a
 truncated episode is bootstrapped from its true final observation.
 
-Where the time goes, and what :func:`collect_rollout` does about it:
+Where the time goes, and what :func:`collect_rollout` does about it (on
+CartPole a raw ``env.step`` costs ~10 µs, so every µs of overhead counts):
 
-* **One batched actor forward per vector step**, under ``torch.inference_mode``,
-  on a preallocated numpy observation buffer viewed with ``torch.from_numpy``
-  (no copies, no per-step tensor allocation beyond the MLP's own).
+* **One batched actor forward per vector step, in numpy** for CPU actors
+  (:meth:`trpo.policy.Actor.numpy_inference_fn`: a numpy op on a tiny array
+  costs a fraction of a torch op), in torch under ``torch.inference_mode``
+  otherwise; inputs are rows of a preallocated observation buffer, no copies.
 * **All sampling noise of the rollout is drawn in one call** before the loop
-  (:func:`trpo.policy.draw_noise`), so a step samples with one or two tensor
-  ops (Gumbel-max / ``μ + σε``), with the explicit generator.
+  (:func:`trpo.policy.draw_noise`, with the explicit generator), so a step
+  samples with one or two array ops (Gumbel-max / ``μ + σε``).
 * **The critic and the log-probabilities are not evaluated per step**: the
   parameters do not change during a rollout, so ``V(s_t)``, ``V(s'_t)`` (with
   the final observations of ended episodes patched in) and
-  ``log π(a_t|s_t)`` are computed after the loop in one batched pass each,
-  which is mathematically the same and far cheaper than ``T`` small passes.
-* Rewards, flags and raw observations go into preallocated numpy arrays
-  (``numpy`` slice assignment is cheaper than a torch ``copy_`` on tiny arrays);
+  ``log π(a_t|s_t)`` are computed after the loop in one batched torch pass
+  each, which is mathematically the same and far cheaper than ``T`` small
+  passes; the log-probabilities are thus always the torch actor's.
+* **Sync envs are stepped directly** (``SyncVectorEnv.envs``, same-step
+  autoreset semantics reproduced exactly), skipping the vector env's batching
+  and info-dict machinery, which costs more than a cheap env's own step.
+  Async envs go through ``envs.step``.
+* Rewards, flags and raw observations go into preallocated numpy arrays;
   episode statistics and the finiteness check run once after the loop, on
   those arrays.
 
@@ -44,7 +50,7 @@ from typing import Any, Literal
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 from torch import Tensor, nn
 
 from trpo.normalize import RewardScaler, RunningMeanStd
@@ -269,6 +275,51 @@ def _raise_if_nonfinite(
         ) from cause
 
 
+def _env_stepper(
+    envs: VectorEnv,
+    obs_buf: np.ndarray,
+    rew_buf: np.ndarray,
+    term_buf: np.ndarray,
+    trunc_buf: np.ndarray,
+    finals: list[tuple[int, int, np.ndarray]],
+) -> Callable[[int, np.ndarray], None]:
+    """``step(t, actions)``: one vector step written into row ``t`` (``t + 1`` for obs).
+
+    For a ``SyncVectorEnv`` the sub-envs are stepped directly, with exactly its
+    same-step autoreset semantics (step; if terminated or truncated keep the final
+    observation and reset at once) but without its batching, info-dict and copy
+    machinery, which costs more than a cheap env's own step. Any other vector env
+    (``AsyncVectorEnv``) goes through ``envs.step``.
+    """
+    if isinstance(envs, SyncVectorEnv):
+        sub_envs = tuple(envs.envs)
+
+        def step_sync(t: int, actions: np.ndarray) -> None:
+            next_obs, rew, term, trunc = obs_buf[t + 1], rew_buf[t], term_buf[t], trunc_buf[t]
+            for i, env in enumerate(sub_envs):
+                obs, r, te, tr, _ = env.step(actions[i])
+                if te or tr:
+                    finals.append((t, i, np.array(obs)))
+                    obs, _ = env.reset()
+                next_obs[i] = obs
+                rew[i], term[i], trunc[i] = r, te, tr
+
+        return step_sync
+
+    def step_vector(t: int, actions: np.ndarray) -> None:
+        obs, rew, term, trunc, infos = envs.step(actions)
+        if "_final_obs" in infos:
+            fin = infos["final_obs"]
+            for i in np.flatnonzero(infos["_final_obs"]):
+                finals.append((t, int(i), np.array(fin[i])))
+        obs_buf[t + 1] = obs
+        rew_buf[t] = rew
+        term_buf[t] = term
+        trunc_buf[t] = trunc
+
+    return step_vector
+
+
 def _torch_policy(
     actor: Actor, noise: Tensor | list[Tensor], normalizer: RunningMeanStd | None, device
 ) -> Callable[[int, np.ndarray], np.ndarray]:
@@ -411,6 +462,7 @@ def collect_rollout(
     finals: list[tuple[int, int, np.ndarray]] = []
     act_buf: np.ndarray | None = None
 
+    env_step = _env_stepper(envs, obs_buf, rew_buf, term_buf, trunc_buf, finals)
     with torch.inference_mode():
         # One torch forward on s_0 gives the shapes for drawing the rollout's noise.
         x0 = torch.from_numpy(obs_buf[0]).to(device)
@@ -426,7 +478,7 @@ def collect_rollout(
                 act_buf = np.empty((T, *a_np.shape), dtype=a_np.dtype)
             act_buf[t] = a_np
             try:
-                obs, rew, term, trunc, infos = envs.step(to_env(a_np))
+                env_step(t, to_env(a_np))
             except Exception as e:
                 # A non-finite output before the crash is the likelier root cause.
                 _raise_if_nonfinite(env_id, step0, obs_buf[1 : t + 1], rew_buf[:t], finals, e)
@@ -434,14 +486,6 @@ def collect_rollout(
                     f"env {env_id!r} raised during step at global step {step0 + t * N}: "
                     f"{type(e).__name__}: {e}"
                 ) from e
-            if "_final_obs" in infos:
-                fin = infos["final_obs"]
-                for i in np.flatnonzero(infos["_final_obs"]):
-                    finals.append((t, int(i), np.asarray(fin[i])))
-            obs_buf[t + 1] = obs
-            rew_buf[t] = rew
-            term_buf[t] = term
-            trunc_buf[t] = trunc
 
     # One vectorised check for the whole rollout instead of one per step; the policy
     # may have acted on a non-finite observation meanwhile, but nothing of this
