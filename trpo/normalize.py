@@ -185,7 +185,10 @@ class RunningMeanStd:
 
         def normalize(x: np.ndarray) -> np.ndarray:
             out = (x - mean) * inv_std
-            return np.clip(out, -clip, clip, out=out) if clip is not None else out
+            if clip is not None:
+                # maximum/minimum: np.clip's Python-level wrapper costs more than the op.
+                np.minimum(np.maximum(out, -clip, out=out), clip, out=out)
+            return out
 
         return normalize
 
