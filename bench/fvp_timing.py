@@ -16,8 +16,8 @@ Usage (HalfCheetah/Walker2d-sized policy, 2 threads)::
 
     python bench/fvp_timing.py --obs 17 --hidden 64 64 --act 6 --batch 25000 --threads 2
 
-Times are medians over ``--repeats`` runs after warm-up; ratios are per
-gradient. Set-up times are per operator construction (once per TRPO update).
+Times are medians (and minima) over ``--repeats`` interleaved rounds after
+warm-up; ratios are per gradient. Set-up times are per operator construction (once per TRPO update).
 """
 
 from __future__ import annotations
@@ -47,16 +47,22 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in seconds."""
-    for _ in range(warmup):
+def timed_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each ``fn()``, interleaved: every round times every function once.
+
+    Interleaving makes the ratios robust to load that changes over time (the
+    machine may be shared); each function is warmed up twice first.
+    """
+    for fn in fns.values():
         fn()
-    times = []
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -110,38 +116,38 @@ def main() -> None:
 
     space = ParamSpace(params)
     v = torch.randn(space.numel, dtype=dtype, generator=gen)
-    r = args.repeats
 
-    rows: list[tuple[str, float]] = []
-    t_grad = timed(lambda: flat_grad(surrogate, params, obs, act, adv), r)
-    rows.append(("gradient of surrogate (unit)", t_grad))
-    ops = {}
-    for lin in LINEARIZATIONS:
-        reps = max(3, r // 4) if lin == "linearize" else r
-        t_setup = timed(
-            lambda lin=lin: fisher_operator(
-                dist, params, obs, family="diag_gaussian", linearization=lin
-            ),
-            reps,
-        )
-        op = fisher_operator(dist, params, obs, family="diag_gaussian", linearization=lin)
-        ops[lin] = op
-        rows.append((f"fisher_operator[{lin}] set-up", t_setup))
-        rows.append((f"fisher_operator[{lin}] matvec", timed(lambda op=op: op @ v, r)))
-    t_kl_setup = timed(lambda: kl_hessian_operator(mean_kl, params, obs), r)
+    ops = {
+        lin: fisher_operator(dist, params, obs, family="diag_gaussian", linearization=lin)
+        for lin in LINEARIZATIONS
+    }
     kl_op = kl_hessian_operator(mean_kl, params, obs)
-    rows.append(("kl_hessian_operator set-up", t_kl_setup))
-    rows.append(("kl_hessian_operator matvec", timed(lambda: kl_op @ v, r)))
+    fns: dict[str, Callable[[], object]] = {
+        "gradient of surrogate (unit)": lambda: flat_grad(surrogate, params, obs, act, adv)
+    }
+    for lin, op in ops.items():
+        fns[f"fisher_operator[{lin}] set-up"] = lambda lin=lin: fisher_operator(
+            dist, params, obs, family="diag_gaussian", linearization=lin
+        )
+        fns[f"fisher_operator[{lin}] matvec"] = lambda op=op: op @ v
+    fns["kl_hessian_operator set-up"] = lambda: kl_hessian_operator(mean_kl, params, obs)
+    fns["kl_hessian_operator matvec"] = lambda: kl_op @ v
+    times = timed_rounds(fns, args.repeats)
 
-    n_params = space.numel
+    med = {name: statistics.median(t) for name, t in times.items()}
+    best = {name: min(t) for name, t in times.items()}
+    unit = "gradient of surrogate (unit)"
     print(
-        f"policy {'-'.join(map(str, sizes))} (+{args.act} log_std), n = {n_params}, "
+        f"policy {'-'.join(map(str, sizes))} (+{args.act} log_std), n = {space.numel}, "
         f"B = {args.batch}, {args.dtype}, threads = {torch.get_num_threads()}, "
-        f"torch {torch.__version__}, median of {r}"
+        f"torch {torch.__version__}, {args.repeats} interleaved rounds"
     )
-    print(f"{'measurement':<36} {'ms':>9} {'x gradient':>11}")
-    for name, t in rows:
-        print(f"{name:<36} {1e3 * t:9.2f} {t / t_grad:11.2f}")
+    print(f"{'measurement':<36} {'median ms':>10} {'x grad':>7} {'min ms':>8} {'x grad':>7}")
+    for name in fns:
+        print(
+            f"{name:<36} {1e3 * med[name]:10.2f} {med[name] / med[unit]:7.2f} "
+            f"{1e3 * best[name]:8.2f} {best[name] / best[unit]:7.2f}"
+        )
     ref = kl_op @ v
     for lin, op in ops.items():
         diff = ((op @ v - ref).norm() / ref.norm()).item()
