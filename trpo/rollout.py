@@ -144,7 +144,8 @@ def init_rollout_state(envs: VectorEnv, seed: int, *, global_step: int = 0) -> R
         global_step: Starting step counter (e.g. when resuming).
 
     Raises:
-        ValueError: If ``envs`` does not use same-step autoreset.
+        ValueError: If ``envs`` does not use same-step autoreset, or a reset
+            observation is not finite.
     """
     mode = envs.metadata.get("autoreset_mode")
     if mode != AutoresetMode.SAME_STEP:
@@ -152,9 +153,16 @@ def init_rollout_state(envs: VectorEnv, seed: int, *, global_step: int = 0) -> R
             f"envs must use AutoresetMode.SAME_STEP (got {mode}); create them with make_envs"
         )
     n = envs.num_envs
+    env_id = envs.spec.id if envs.spec is not None else "<unknown env>"
     obs, _ = envs.reset(seed=[int(seed) + i for i in range(n)])
+    finite = np.isfinite(np.asarray(obs, dtype=np.float64).reshape(n, -1)).all(1)
+    if not finite.all():
+        raise ValueError(
+            f"env {env_id!r} returned a non-finite observation from reset "
+            f"(env indices {np.flatnonzero(~finite).tolist()}, seed {seed})"
+        )
     return RolloutState(
-        env_id=envs.spec.id if envs.spec is not None else "<unknown env>",
+        env_id=env_id,
         obs=np.array(obs, copy=True),
         episode_returns=np.zeros(n, dtype=np.float64),
         episode_lengths=np.zeros(n, dtype=np.int64),
