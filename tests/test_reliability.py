@@ -729,14 +729,24 @@ def test_same_seed_and_config_give_bit_identical_learning_metrics(tmp_path):
     assert a.metrics["trpo/value_loss"] != c.metrics["trpo/value_loss"]
 
 
-def test_resume_restores_the_rng_streams(tmp_path, monkeypatch):
-    """The action-noise and minibatch generators continue exactly where the checkpoint was."""
-    seen: dict[str, list[torch.Tensor]] = {"noise": [], "cpu": []}
+def test_resume_restores_the_rng_streams_and_statistics(tmp_path, monkeypatch):
+    """The action-noise and minibatch generators continue exactly where the checkpoint was;
+    so do the normalisers' statistics, while the running episodes (and their discounted
+    returns in the reward scaler) start afresh."""
+    seen: dict[str, list] = {"noise": [], "cpu": [], "obs_rms": [], "reward": []}
     real_rollout, real_step = train_module.collect_rollout, train_module.policy_step
 
-    def collect_rollout(*args, generator, **kwargs):
+    def collect_rollout(*args, generator, obs_normalizer, reward_scaler, **kwargs):
         seen["noise"].append(generator.get_state().clone())
-        return real_rollout(*args, generator=generator, **kwargs)
+        seen["obs_rms"].append(copy.deepcopy(obs_normalizer.state_dict()))
+        seen["reward"].append(copy.deepcopy(reward_scaler.state_dict()))
+        return real_rollout(
+            *args,
+            generator=generator,
+            obs_normalizer=obs_normalizer,
+            reward_scaler=reward_scaler,
+            **kwargs,
+        )
 
     def policy_step(*args, generator, **kwargs):
         seen["cpu"].append(generator.get_state().clone())
@@ -744,18 +754,23 @@ def test_resume_restores_the_rng_streams(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "collect_rollout", collect_rollout)
     monkeypatch.setattr(train_module, "policy_step", policy_step)
-    kw = dict(fvp_fraction=0.5, normalize_obs=True, checkpoint_every=2, keep_checkpoints=5)
+    kw = dict(fvp_fraction=0.5, normalize_obs=True, normalize_reward=True, checkpoint_every=2)
     full = train(make_config(tmp_path, "full", 4, **kw))
     uninterrupted = {k: v[:] for k, v in seen.items()}
 
     run_dir = tmp_path / "cut"  # the run as a kill after update 2 leaves it
     shutil.copytree(full.run_dir, run_dir)
     checkpoint_path(run_dir, 4).unlink()
-    seen = {"noise": [], "cpu": []}
+    seen = {k: [] for k in seen}
     resumed = train(resume_config(run_dir))
     for stream in ("noise", "cpu"):
         assert len(seen[stream]) == 2
         assert torch.equal(seen[stream][0], uninterrupted[stream][2]), stream
+    assert_same(seen["obs_rms"][0], uninterrupted["obs_rms"][2])
+    before, after = uninterrupted["reward"][2], seen["reward"][0]
+    assert before.pop("returns").count_nonzero() > 0  # episodes were running at the cut
+    assert after.pop("returns").count_nonzero() == 0  # ... and start afresh
+    assert_same(after, before)  # the return statistics are kept
     # What is the same: the rows before the checkpoint. What is not: the envs restart fresh
     # episodes, so the rollouts (and everything after) differ from the uninterrupted run.
     a, b = learning_columns(full.metrics), learning_columns(resumed.metrics)
