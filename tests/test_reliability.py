@@ -779,6 +779,18 @@ def test_resume_restores_the_rng_streams_and_statistics(tmp_path, monkeypatch):
     assert a["trpo/value_loss"][2:] != b["trpo/value_loss"][2:]
 
 
+def test_a_resumed_run_is_itself_deterministic(tmp_path, three_checkpoints):
+    """Resuming the same checkpoint twice gives bit-identical runs (fresh episodes included)."""
+    runs = []
+    for name in ("first", "second"):
+        run_dir = copy_run(three_checkpoints, tmp_path / name)
+        checkpoint_path(run_dir, 3).unlink()
+        runs.append(train(resume_config(run_dir, total_steps=4 * BATCH)))
+    a, b = (learning_columns(r.metrics) for r in runs)
+    assert_same_columns(a, b)
+    assert_same(runs[0].actor.state_dict(), runs[1].actor.state_dict())
+
+
 # --- row 9: resource limits -------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("overrides", "budget"),
