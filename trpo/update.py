@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from natgrad import distributed as nd
 from natgrad.curvature import fisher_operator
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.trust_region import line_search, natural_step
@@ -140,6 +141,7 @@ def policy_step(
     line_search_max_tries: int = 10,
     line_search_accept_ratio: float = 0.0,
     generator: torch.Generator | None = None,
+    distributed: bool = False,
 ) -> PolicyStepResult:
     """One trust-region step of the actor, in place (only if the line search accepts).
 
@@ -155,6 +157,11 @@ def policy_step(
         line_search_max_tries: Candidates tried.
         line_search_accept_ratio: Required fraction of the expected improvement.
         generator: RNG for the Fisher subsample.
+        distributed: Data parallel (``natgrad.distributed``): ``batch`` is this rank's shard
+            and every mean over samples (L, g, each Fisher-vector product, the line-search L
+            and KL, the entropy) is the sample-count-weighted mean over all ranks, so every
+            rank takes the step one process would take on the union of the shards. Every
+            rank must call this together, with identical actor parameters.
 
     Returns:
         A :class:`PolicyStepResult`.
@@ -171,6 +178,12 @@ def policy_step(
 
     # (1, 2) Surrogate L(θ_old) and its gradient g.
     surrogate_old, g = flat_grad(lambda p: surrogate(actor, p, batch, log_prob_old), params)
+    weight = 1.0
+    if distributed:  # global means, w_r-weighted: one all-reduce for g, L and the entropy
+        weight = nd.sample_weight(batch.obs.shape[0])
+        packed = torch.cat([g, surrogate_old.reshape(1), policy_entropy.reshape(1).to(g)])
+        packed = nd.all_reduce_mean(packed, weight=weight)
+        g, surrogate_old, policy_entropy = packed[:-2], packed[-2], packed[-1]
 
     # (3) Fisher H on the same states (optionally a random fraction of them).
     fvp_obs = batch.obs
@@ -180,6 +193,9 @@ def policy_step(
         idx = torch.randperm(n_states, generator=generator, device="cpu")[:n_fvp]
         fvp_obs = batch.obs[idx.to(batch.obs.device)]
     fisher = fisher_operator(actor.functional_dist_params, params, fvp_obs, family=actor.family)
+    if distributed:  # each product: the mean over the Fisher states of every rank
+        fvp_weight = nd.sample_weight(fvp_obs.shape[0]) if fvp_fraction < 1.0 else weight
+        fisher = nd.all_reduce_operator(fisher, weight=fvp_weight)
 
     # (4) Natural step Δθ = sqrt(2δ / sᵀ(H+λI)s) · s, s ≈ (H+λI)⁻¹ g.
     step = natural_step(
@@ -194,10 +210,19 @@ def policy_step(
     )
 
     # (5) Backtracking line search on the exact surrogate and the exact mean KL.
+    def objective(theta: Tensor) -> Tensor:
+        return surrogate(actor, space.unravel(theta), batch, log_prob_old)
+
+    def constraint(theta: Tensor) -> Tensor:
+        return mean_kl(actor, space.unravel(theta), batch.obs, dist_old)
+
+    if distributed:  # every rank sees the global L and KL, so all accept the same point
+        objective = nd.all_reduce_function(objective, weight=weight)
+        constraint = nd.all_reduce_function(constraint, weight=weight)
     with torch.no_grad():
         result = line_search(
-            lambda theta: surrogate(actor, space.unravel(theta), batch, log_prob_old),
-            lambda theta: mean_kl(actor, space.unravel(theta), batch.obs, dist_old),
+            objective,
+            constraint,
             theta_old,
             step.step,
             max_constraint=max_kl,
@@ -243,6 +268,7 @@ def fit_critic(
     epochs: int,
     minibatch_size: int,
     generator: torch.Generator | None = None,
+    distributed: bool = False,
 ) -> CriticFitResult:
     """Regress V_φ(s_t) on the GAE returns R_t: ``epochs`` passes of Adam over shuffled minibatches.
 
@@ -256,7 +282,18 @@ def fit_critic(
         epochs: Passes over the batch.
         minibatch_size: Samples per Adam step (clipped to B).
         generator: RNG of the shuffling.
+        distributed: Data parallel: ``obs``, ``returns`` are this rank's shard. Each epoch
+            has ``K = ceil(N / minibatch_size)`` Adam steps (``N`` the global batch); step
+            ``k`` uses the ``k``-th of ``K`` near-equal pieces (``torch.tensor_split``) of
+            every rank's shuffled shard, and its gradient is that of the mean loss over the
+            union of those pieces (gradients all-reduced with the global piece sizes), so
+            every rank takes the same Adam steps. With ``minibatch_size ≥ N`` this is the
+            single-process full-batch fit exactly.
     """
+    if distributed:
+        return _fit_critic_data_parallel(
+            critic, optimizer, obs, returns, epochs, minibatch_size, generator
+        )
     n = obs.shape[0]
     mb = max(1, min(minibatch_size, n))
     steps = 0
@@ -274,6 +311,43 @@ def fit_critic(
             steps += 1
         epoch_loss = float(total) / n
     return CriticFitResult(value_loss=epoch_loss, steps=steps)
+
+
+def _fit_critic_data_parallel(
+    critic: Critic,
+    optimizer: torch.optim.Optimizer,
+    obs: Tensor,
+    returns: Tensor,
+    epochs: int,
+    minibatch_size: int,
+    generator: torch.Generator | None,
+) -> CriticFitResult:
+    """``fit_critic(distributed=True)``: minibatch k = the union of every rank's k-th piece."""
+    n = obs.shape[0]
+    counts = nd.all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64))
+    n_global = int(counts[0])
+    n_steps = -(-n_global // max(1, min(minibatch_size, n_global)))  # K, the same everywhere
+    # Piece sizes depend only on n and K, so the global size of every minibatch is known
+    # after one all-reduce; loss_k = Σ_local (V − R)² / N_k, gradients summed over ranks.
+    sizes = torch.tensor(
+        [float(len(p)) for p in torch.tensor_split(torch.arange(n), n_steps)], dtype=torch.float64
+    )
+    global_sizes = nd.all_reduce_sum(sizes).tolist()
+    params = list(critic.parameters())
+    total = torch.zeros((), dtype=obs.dtype, device=obs.device)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator, device="cpu").to(obs.device)
+        total = torch.zeros((), dtype=obs.dtype, device=obs.device)
+        for idx, n_k in zip(torch.tensor_split(perm, n_steps), global_sizes):
+            sq_sum = (critic(obs[idx]) - returns[idx]).pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            (sq_sum / n_k).backward()
+            nd.average_gradients(params, weight=1.0)  # Σ_r: the gradient of the union's mean
+            optimizer.step()
+            total = total + sq_sum.detach()
+    # The last epoch's mean squared error over the global batch.
+    epoch_loss = float(nd.all_reduce_sum(total.reshape(1))[0]) / n_global
+    return CriticFitResult(value_loss=epoch_loss, steps=epochs * n_steps)
 
 
 def explained_variance(values: Tensor, returns: Tensor) -> float:
