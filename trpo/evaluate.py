@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def evaluate_policy(
         obs_normalizer: Statistics the actor was trained with; used frozen (never updated).
         seed: Base seed.
         video_path: If given, the first episode is rendered (``render_mode="rgb_array"``) into
-            this GIF file (needs Pillow, which matplotlib brings).
+            this GIF file (needs Pillow, which matplotlib brings). When the env's renderer is
+            not installed (e.g. pygame for classic control) a warning is issued, no file is
+            written, and the returns are still computed.
         max_video_frames: Frames kept for the GIF.
 
     Returns:
@@ -57,9 +60,27 @@ def evaluate_policy(
     param = next(actor.parameters())
     frames: list[np.ndarray] = []
     returns: list[float] = []
+    recording = video_path is not None
+
+    def grab() -> None:
+        nonlocal recording
+        if len(frames) >= max_video_frames:
+            return
+        try:
+            frame = env.render()
+        except gym.error.DependencyNotInstalled as e:
+            # A missing renderer (pygame, OpenGL) costs the video, not the evaluation.
+            warnings.warn(f"no video written: {e}", stacklevel=3)
+            recording = False
+            return
+        if frame is not None:
+            frames.append(np.asarray(frame))
+
     try:
         for i in range(episodes):
             obs, _ = env.reset(seed=seed + i)
+            if recording and i == 0:
+                grab()
             done, total = False, 0.0
             while not done:
                 x = torch.as_tensor(np.asarray(obs), dtype=param.dtype, device=param.device)
@@ -70,10 +91,8 @@ def evaluate_policy(
                 obs, reward, terminated, truncated, _ = env.step(to_env(action.cpu().numpy()))
                 total += float(reward)
                 done = bool(terminated or truncated)
-                if video_path is not None and i == 0 and len(frames) < max_video_frames:
-                    frame = env.render()
-                    if frame is not None:
-                        frames.append(np.asarray(frame))
+                if recording and i == 0:
+                    grab()
             returns.append(total)
     finally:
         env.close()
@@ -134,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{env_id}: mean return {np.mean(returns):.1f} ± {np.std(returns):.1f} over "
         f"{len(returns)} episodes"
     )
-    if video is not None and video.exists():
-        print(f"video: {video}")
+    if video is not None:
+        print(f"video: {video}" if video.exists() else "video: none (see the warning above)")
     return 0
 
 

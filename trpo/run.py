@@ -10,24 +10,42 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from trpo.config import parse_cli
+from trpo.config import MemoryBudgetError, check_env_id, parse_cli
+from trpo.logger import TENSORBOARD_DIRNAME
 from trpo.train import TrainingError, train
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the flags, train, and print where the artifacts are."""
+    """Parse the flags, train, and print where the artifacts are.
+
+    Returns:
+        0 on success, 1 when training stopped (:class:`trpo.train.TrainingError`), 2 for an
+        unknown env id or a batch that cannot fit in memory (a message, not a traceback).
+        Invalid flags or values exit with code 2 from the parser, naming the field.
+    """
     config = parse_cli(argv, prog="python -m trpo.run")
     try:
+        # train() checks it too; here a typo gives one line that says how to list the ids.
+        check_env_id(config.env_id)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         result = train(config)
+    except MemoryBudgetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(
-        f"artifacts in {result.run_dir}: config.json, metrics.csv, checkpoints/"
-        + (", learning_curve.png" if config.plot else "")
-    )
+    artifacts = ["config.json", "metrics.csv", "checkpoints/"]
+    if config.plot:
+        artifacts.append("learning_curve.png")
+    if (result.run_dir / TENSORBOARD_DIRNAME).is_dir():
+        artifacts.append(f"{TENSORBOARD_DIRNAME}/")
+    print(f"artifacts in {result.run_dir}: {', '.join(artifacts)}")
     return 0
 
 

@@ -33,7 +33,6 @@ from trpo.checkpoint import (
     save_run_checkpoint,
 )
 from trpo.config import TRPOConfig, check_env_id, check_memory, load_config, save_config
-from trpo.evaluate import evaluate_policy
 from trpo.gae import compute_gae, normalize_advantages
 from trpo.logger import MetricsLogger, ProgressBar, plot_learning_curve, read_metrics
 from trpo.normalize import RewardScaler, RunningMeanStd
@@ -402,6 +401,10 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
         obs_rms.frozen = True
     eval_returns: list[float] = []
     if config.eval_episodes > 0:
+        # Imported here: `import trpo` must not import trpo.evaluate, or
+        # `python -m trpo.evaluate` warns that the module was imported before it ran.
+        from trpo.evaluate import evaluate_policy
+
         eval_returns = evaluate_policy(
             actor,
             config.env_id,
