@@ -131,7 +131,9 @@ def init_from_env(
 
 
 # -------------------------------------------------------------------------- reductions
-def sample_weight(n_local: int, *, group: Group = None, device: torch.device | str = "cpu") -> float:
+def sample_weight(
+    n_local: int, *, group: Group = None, device: torch.device | str = "cpu"
+) -> float:
     """``w_r = n_r / Σ_s n_s``, this rank's share of the global batch (1.0 in one process).
 
     One all-reduce of a float64 scalar on ``device`` (CPU by default; pass the CUDA device
@@ -360,7 +362,9 @@ def merge_moments(
         ValueError: ``mean`` and ``var`` differ in shape, or ``count`` < 0.
     """
     if mean.shape != var.shape:
-        raise ValueError(f"mean and var must have one shape, got {tuple(mean.shape)}, {tuple(var.shape)}")
+        raise ValueError(
+            f"mean and var must have one shape, got {tuple(mean.shape)}, {tuple(var.shape)}"
+        )
     n = float(count)
     if not n >= 0:
         raise ValueError(f"count must be >= 0, got {count!r}")
@@ -380,14 +384,19 @@ def merge_moments(
 
 
 # ------------------------------------------------------------------------ agreement
+_SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
 def _checksum(tensors: Sequence[Tensor]) -> Tensor:
-    """``[Σ x_i, Σ x_i cos(i)]`` over all tensors in float64: two numbers that any change of
-    a value (or a swap of two) alters; bit-identical inputs give bit-identical sums."""
-    s = torch.zeros(2, dtype=torch.float64)
+    """Two int64 checksums of the *bits* of all tensors: ``[Σ b_i, Σ (2i+1) b_i]`` (mod 2⁶⁴)
+    with ``b_i`` each element's bit pattern as an integer. A change of any single element
+    (even of one ulp) or a swap of two elements changes them, unlike a float sum."""
+    s = torch.zeros(2, dtype=torch.int64)
     for t in tensors:
-        x = t.detach().reshape(-1).to(torch.float64)
-        w = torch.cos(torch.arange(x.numel(), dtype=torch.float64, device=x.device))
-        s = s + torch.stack([x.sum(), (x * w).sum()]).cpu()
+        x = t.detach().reshape(-1)
+        bits = x.view(_SAME_SIZE_INT[x.element_size()]).to(torch.int64)
+        odd = torch.arange(1, 2 * bits.numel(), 2, dtype=torch.int64, device=bits.device)
+        s = s + torch.stack([bits.sum(), (bits * odd).sum()]).cpu()
     return s
 
 
@@ -400,8 +409,8 @@ def check_agreement(
 ) -> None:
     """Raise on every rank if ``tensors`` differ between ranks (a cheap checksum compare).
 
-    Each rank reduces its tensors to two float64 checksums; one all-gather of the
-    ``2·world_size`` numbers and a bitwise comparison with rank 0's follow, so every rank
+    Each rank reduces the bits of its tensors to two int64 checksums; one all-gather of the
+    ``2·world_size`` numbers and a comparison with rank 0's follow, so every rank
     reaches the same verdict and all raise together (no rank is left waiting). Data-parallel
     updates keep the parameters bit-identical, hence the exact comparison. No-op when not
     distributed.
@@ -423,8 +432,7 @@ def check_agreement(
     mine = _checksum(items).to(device)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
-    ref = parts[0].view(torch.int64)
-    bad = [r for r, p in enumerate(parts) if not torch.equal(p.view(torch.int64), ref)]
+    bad = [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
     if bad:
         raise DivergenceError(
             f"{what} differ between ranks: the checksums of rank(s) {bad} differ from rank "

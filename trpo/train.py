@@ -33,6 +33,7 @@ from trpo.checkpoint import (
     save_run_checkpoint,
 )
 from trpo.config import TRPOConfig, check_env_id, check_memory, load_config, save_config
+from trpo.distributed import SINGLE_PROCESS, DataParallel, NullLogger
 from trpo.gae import compute_gae, normalize_advantages
 from trpo.logger import MetricsLogger, ProgressBar, plot_learning_curve, read_metrics
 from trpo.normalize import RewardScaler, RunningMeanStd
@@ -138,14 +139,36 @@ def train(config: TRPOConfig) -> TrainResult:
         torch.set_num_threads(config.torch_threads)
     device, dtype = config.torch_device(), config.torch_dtype()
 
-    envs = make_envs(config.env_id, config.n_envs, async_=config.async_envs)
+    # Under torchrun (WORLD_SIZE > 1): join the process group; rank 0's config (its run
+    # name holds a timestamp) for all. A failed collective (a rank died or hung) becomes a
+    # TrainingError naming the run to resume. See docs/distributed.md.
+    dp = DataParallel.from_env(device)
     try:
-        return _train(config, envs, device, dtype)
+        config, device = dp.broadcast(config), dp.device(device)
+        envs = make_envs(config.env_id, config.n_envs, async_=config.async_envs)
+        try:
+            return _train(config, envs, device, dtype, dp)
+        finally:
+            envs.close()
+    except RuntimeError as e:
+        if not dp.enabled or isinstance(e, TrainingError):
+            raise
+        raise TrainingError(
+            f"rank {dp.rank} of {dp.world_size}: {type(e).__name__}: {e}. If another rank "
+            "died or hung, see its log; resume from the last checkpoint with --resume "
+            f"{config.run_dir}"
+        ) from e
     finally:
-        envs.close()
+        dp.close()
 
 
-def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dtype) -> TrainResult:
+def _train(
+    config: TRPOConfig,
+    envs: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    dp: DataParallel = SINGLE_PROCESS,
+) -> TrainResult:
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     check_memory(config, observation_dim(obs_space), _dist_param_dim(act_space))
 
@@ -168,6 +191,9 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
         if config.normalize_reward
         else None
     )
+    obs_rms, reward_scaler = dp.synced_statistics(obs_rms, reward_scaler)
+    # total_steps counts the env steps of all ranks.
+    num_updates = dp.num_updates(config.total_steps, config.batch_size)
 
     run_dir = config.run_dir
     start_update, global_step, failures = 0, 0, 0
@@ -190,15 +216,25 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
         cpu_generator.set_state(state["rng_cpu"])
         start_update, global_step = int(state["update"]), int(state["global_step"])
         print(f"resumed {run_dir} from {loaded.path.name} at step {global_step}", flush=True)
+        if state.get("world_size", 1) != dp.world_size and dp.is_main:
+            print(
+                f"warning: resuming a run of {state.get('world_size', 1)} rank(s) with "
+                f"{dp.world_size}: the batch per update changes",
+                file=sys.stderr,
+            )
+    # Every rank starts from rank 0's parameters (and checks that the rest agrees too).
+    dp.broadcast_modules(actor, critic)
+    dp.check_agreement(actor, critic, critic_opt, obs_rms, reward_scaler)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir)
+    if dp.is_main:
+        save_config(config, run_dir)
     # The state at the start of update u is saved as ckpt_u at most once: an error path
     # that would save the same state again (e.g. right after a resume) leaves the file be.
     last_saved = start_update if config.resume is not None else -1
 
     def checkpoint(update: int) -> None:
         nonlocal last_saved
-        if update == last_saved:
+        if update == last_saved or not dp.is_main:  # rank 0 alone writes
             return
         state = {
             "actor": actor.state_dict(),
@@ -214,26 +250,34 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
             state["obs_rms"] = obs_rms.state_dict()
         if reward_scaler is not None:
             state["reward_scaler"] = reward_scaler.state_dict()
+        if dp.enabled:  # each rank's RNG is derived from (seed, rank, update): nothing to save
+            state["world_size"] = dp.world_size
         logger.flush()
         save_run_checkpoint(run_dir, update, state, keep=config.keep_checkpoints)
         last_saved = update
 
-    logger = MetricsLogger(
-        run_dir,
-        tensorboard=config.tensorboard,
-        resume_step=global_step if config.resume is not None else None,
+    logger = (
+        MetricsLogger(
+            run_dir,
+            tensorboard=config.tensorboard,
+            resume_step=global_step if config.resume is not None else None,
+        )
+        if dp.is_main
+        else NullLogger()
     )
-    bar = ProgressBar(config.total_steps, initial=global_step, enabled=config.progress)
+    progress = config.progress and dp.is_main
+    bar = ProgressBar(config.total_steps, initial=global_step, enabled=progress)
     recent_returns: collections.deque[float] = collections.deque(maxlen=20)
-    text_every = max(1, config.num_updates // 20)
+    text_every = max(1, num_updates // 20)
     rollout_state = init_rollout_state(
-        envs, _env_reset_seed(config, start_update), global_step=global_step
+        envs, dp.env_seed(_env_reset_seed(config, start_update)), global_step=global_step
     )
     t_start, steps_at_start = time.perf_counter(), global_step
     try:
-        for update in range(start_update, config.num_updates):
+        for update in range(start_update, num_updates):
             # --- 1. rollout with π_old ----------------------------------------------------
             t0 = time.perf_counter()
+            dp.reseed(config.seed, update, generator, cpu_generator)
             noise_state = generator.get_state()
             try:
                 rollout = collect_rollout(
@@ -257,7 +301,7 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                     f"{e}; the checkpoint of the last completed update ({update}) is in "
                     f"{run_dir}; resume with --resume {run_dir}"
                 ) from e
-            global_step = rollout.global_step
+            global_step += dp.world_size * rollout.batch_size
             t1 = time.perf_counter()
 
             # --- 2. advantages by GAE(γ, λ) -----------------------------------------------
@@ -274,7 +318,7 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
             actions = rollout.actions.reshape(rollout.batch_size, *rollout.actions.shape[2:])
             adv = advantages.reshape(-1)
             if config.normalize_advantages:
-                adv = normalize_advantages(adv)
+                adv = dp.normalize_advantages(adv) if dp.enabled else normalize_advantages(adv)
 
             # --- 3. trust-region policy step -------------------------------------------------
             # A non-finite iteration must change no parameter: keep all it could touch.
@@ -293,6 +337,7 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                 line_search_max_tries=config.line_search_max_tries,
                 line_search_accept_ratio=config.line_search_accept_ratio,
                 generator=cpu_generator,
+                distributed=dp.enabled,
             )
             t2 = time.perf_counter()
 
@@ -308,6 +353,7 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                     epochs=config.critic_epochs,
                     minibatch_size=config.critic_minibatch_size,
                     generator=cpu_generator,
+                    distributed=dp.enabled,
                 )
             update_ok = policy_ok and math.isfinite(fit.value_loss) and _is_finite_module(critic)
             t3 = time.perf_counter()
@@ -326,18 +372,21 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
             elif step.status != StepStatus.OK.name:  # degenerate but safe: a logged no-op
                 _print(f"update {update + 1}: {StepStatus[step.status].message}", bar)
 
+            # The ranks must still agree (bit for bit); a cheap checksum, fails loudly if not.
+            dp.check_agreement(actor, critic, critic_opt, obs_rms, reward_scaler)
+
             # --- 6. log ---------------------------------------------------------------------
-            recent_returns.extend(rollout.episode_returns.tolist())
-            ep_return = (
-                float(rollout.episode_returns.mean()) if rollout.episode_returns.numel() else None
-            )
+            ep_returns = dp.gather(rollout.episode_returns)  # the episodes of every rank
+            ep_lengths = dp.gather(rollout.episode_lengths)
+            recent_returns.extend(ep_returns.tolist())
+            ep_return = float(ep_returns.mean()) if ep_returns.numel() else None
             elapsed = time.perf_counter() - t_start
             metrics = {
                 "charts/episode_return": ep_return,
-                "charts/episode_length": float(rollout.episode_lengths.double().mean())
-                if rollout.episode_lengths.numel()
+                "charts/episode_length": float(ep_lengths.double().mean())
+                if ep_lengths.numel()
                 else None,
-                "charts/episodes": rollout.episode_returns.numel(),
+                "charts/episodes": ep_returns.numel(),
                 "charts/steps_per_second": (global_step - steps_at_start) / max(elapsed, 1e-9),
                 "trpo/kl": step.kl,
                 "trpo/surrogate_improvement": step.surrogate_improvement,
@@ -349,9 +398,9 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                 "trpo/grad_norm": step.grad_norm,
                 "trpo/step_norm": step.step_norm,
                 "trpo/entropy": step.entropy,
-                "trpo/explained_variance": explained_variance(
-                    rollout.values.reshape(-1), returns.reshape(-1)
-                ),
+                "trpo/explained_variance": (
+                    dp.explained_variance if dp.enabled else explained_variance
+                )(rollout.values.reshape(-1), returns.reshape(-1)),
                 "trpo/value_loss": fit.value_loss if policy_ok else None,
                 "trpo/nonfinite_update": float(not update_ok),
                 "trpo/consecutive_failures": failures,
@@ -362,14 +411,14 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                 "time/critic_seconds": t3 - t2,
                 "time/update_seconds": t3 - t1,
             }
-            last = update + 1 == config.num_updates
+            last = update + 1 == num_updates
             if (update + 1) % config.log_every == 0 or last or not update_ok:
                 logger.log(
                     global_step, {k: v for k, v in metrics.items() if not isinstance(v, str)}
                 )
             recent = float(np.mean(recent_returns)) if recent_returns else None
             bar.update(global_step, episode_return=recent, kl=step.kl)
-            if not bar.enabled and config.progress and (update + 1) % text_every == 0:
+            if not bar.enabled and progress and (update + 1) % text_every == 0:
                 print(
                     f"step {global_step:>9d}/{config.total_steps}  return {recent if recent is not None else float('nan'):8.1f}"
                     f"  kl {step.kl:.4f}  {metrics['charts/steps_per_second']:7.0f} steps/s",
@@ -386,21 +435,21 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
                     "Try a smaller max_kl, more cg_damping, normalize_obs/normalize_reward, "
                     "or float64."
                 )
-            if (update + 1) % config.checkpoint_every == 0 and update + 1 < config.num_updates:
+            if (update + 1) % config.checkpoint_every == 0 and update + 1 < num_updates:
                 checkpoint(update + 1)
-        checkpoint(config.num_updates)
+        checkpoint(num_updates)
     finally:
         bar.close()
         logger.close()
 
-    if config.plot:
+    if config.plot and dp.is_main:
         plot_learning_curve(
             run_dir / "metrics.csv", run_dir / "learning_curve.png", title=config.env_id
         )
     if obs_rms is not None:
         obs_rms.frozen = True
     eval_returns: list[float] = []
-    if config.eval_episodes > 0:
+    if config.eval_episodes > 0 and dp.is_main:
         # Imported here: `import trpo` must not import trpo.evaluate, or
         # `python -m trpo.evaluate` warns that the module was imported before it ran.
         from trpo.evaluate import evaluate_policy
@@ -423,7 +472,7 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dtype: torch.dty
         obs_normalizer=obs_rms,
         config=config,
         run_dir=run_dir,
-        metrics=read_metrics(run_dir / "metrics.csv"),
+        metrics=read_metrics(run_dir / "metrics.csv") if dp.is_main else {},
         eval_returns=eval_returns,
         global_step=global_step,
     )
