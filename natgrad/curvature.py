@@ -87,9 +87,15 @@ class CurvatureOperator(LinearOperator):
             outputs (distribution parameters) at ``params``, detached, so a
             caller can reuse them (e.g. for the old log-probabilities) without
             another forward pass; ``None`` for the Hessian operators.
+        vjp: For :func:`ggn_operator` / :func:`fisher_operator`, the cached
+            reverse-mode product ``u -> Jᵀu`` (``u`` structured like ``outputs``,
+            result a flat ``(n,)`` vector); ``None`` for the Hessian operators.
+            By the chain rule the gradient of any loss of the outputs is
+            ``∇_θ ℓ(z(θ)) = Jᵀ ∇_z ℓ``, so ``op.vjp(grad_z)`` gives it from the
+            linearisation already computed, one backward and no forward pass.
     """
 
-    __slots__ = ("space", "outputs")
+    __slots__ = ("space", "outputs", "vjp")
 
     def __init__(
         self,
@@ -98,12 +104,14 @@ class CurvatureOperator(LinearOperator):
         *,
         matmat: Callable[[Tensor], Tensor] | None = None,
         outputs: Any = None,
+        vjp: Callable[[Any], Tensor] | None = None,
     ) -> None:
         super().__init__(
             matvec, (space.numel, space.numel), space.dtype, space.device, matmat=matmat
         )
         self.space = space
         self.outputs = outputs
+        self.vjp = vjp
 
 
 def _detached(params: Params) -> tuple[ParamSpace, dict[str, Tensor]]:
@@ -213,7 +221,10 @@ def _gauss_newton_operator(
     def matvec(v: Tensor) -> Tensor:
         return ravel(jt_fn(apply_out(j_fn(unravel(v)))))
 
-    return CurvatureOperator(matvec, space, outputs=outputs)
+    def vjp(u: Any) -> Tensor:
+        return ravel(jt_fn(u))
+
+    return CurvatureOperator(matvec, space, outputs=outputs, vjp=vjp)
 
 
 # ----------------------------------------------------------------------------- GGN
