@@ -34,6 +34,7 @@ from natgrad import distributed as nd
 from natgrad.curvature import fisher_operator
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.trust_region import line_search, natural_step
+from trpo.fast_critic import fit_mlp_critic
 from trpo.policy import Actor, Critic, entropy, kl_divergence, log_prob
 
 __all__ = [
@@ -112,7 +113,12 @@ def surrogate(
 ) -> Tensor:
     """L(θ) = mean_t [ exp(log π_θ(a_t|s_t) − log π_old(a_t|s_t)) · Â_t ], a 0-d tensor."""
     dist = actor.functional_dist_params(params, batch.obs)
-    ratio = torch.exp(log_prob(actor.family, dist, batch.actions) - log_prob_old)
+    return _surrogate_of_dist(actor.family, dist, batch, log_prob_old)
+
+
+def _surrogate_of_dist(family: str, dist, batch: PolicyBatch, log_prob_old: Tensor) -> Tensor:
+    """L as a function of π_θ's distribution parameters on the batch states."""
+    ratio = torch.exp(log_prob(family, dist, batch.actions) - log_prob_old)
     return (ratio * batch.advantages).mean()
 
 
@@ -169,15 +175,45 @@ def policy_step(
     params = {name: p.detach() for name, p in actor.named_parameters()}
     space = ParamSpace(params)
     theta_old = space.ravel(params)
+    family = actor.family
+
+    # (3, first) The Fisher H on the same states (optionally a random fraction of them).
+    # Building it linearises the actor at θ_old (one forward, one backward). On the full
+    # batch that linearisation also gives π_old (its outputs) and g (its Jᵀ, below), so the
+    # actor's forward runs once here instead of three times.
+    fvp_obs = batch.obs
+    n_states = batch.obs.shape[0]
+    if fvp_fraction < 1.0:
+        n_fvp = max(1, int(round(fvp_fraction * n_states)))
+        idx = torch.randperm(n_states, generator=generator, device="cpu")[:n_fvp]
+        fvp_obs = batch.obs[idx.to(batch.obs.device)]
+    fisher = fisher_operator(actor.functional_dist_params, params, fvp_obs, family=family)
+    # (Any operator works below; the reuse needs the Fisher's cached outputs and Jᵀ.)
+    full_batch = (
+        fvp_obs is batch.obs
+        and getattr(fisher, "vjp", None) is not None
+        and getattr(fisher, "outputs", None) is not None
+    )
 
     # π_old on the batch, fixed for the whole step: ratios are exactly 1 at θ_old.
     with torch.no_grad():
-        dist_old = _detach(actor.functional_dist_params(params, batch.obs))
-        log_prob_old = log_prob(actor.family, dist_old, batch.actions)
-        policy_entropy = entropy(actor.family, dist_old).mean()
+        if full_batch:
+            dist_old = fisher.outputs
+        else:
+            dist_old = _detach(actor.functional_dist_params(params, batch.obs))
+        log_prob_old = log_prob(family, dist_old, batch.actions)
+        policy_entropy = entropy(family, dist_old).mean()
 
     # (1, 2) Surrogate L(θ_old) and its gradient g.
-    surrogate_old, g = flat_grad(lambda p: surrogate(actor, p, batch, log_prob_old), params)
+    if full_batch:
+        # g = ∇_θ L = Jᵀ ∇_z L with z = π_θ's distribution parameters: ∇_z L is a cheap
+        # elementwise gradient, Jᵀ is the Fisher's cached reverse pass.
+        grad_z, surrogate_old = torch.func.grad_and_value(
+            lambda dist: _surrogate_of_dist(family, dist, batch, log_prob_old)
+        )(dist_old)
+        g = fisher.vjp(grad_z)
+    else:
+        surrogate_old, g = flat_grad(lambda p: surrogate(actor, p, batch, log_prob_old), params)
     weight = 1.0
     if distributed:  # global means, w_r-weighted: one all-reduce for g, L and the entropy
         weight = nd.sample_weight(batch.obs.shape[0])
@@ -185,14 +221,6 @@ def policy_step(
         packed = nd.all_reduce_mean(packed, weight=weight)
         g, surrogate_old, policy_entropy = packed[:-2], packed[-2], packed[-1]
 
-    # (3) Fisher H on the same states (optionally a random fraction of them).
-    fvp_obs = batch.obs
-    n_states = batch.obs.shape[0]
-    if fvp_fraction < 1.0:
-        n_fvp = max(1, int(round(fvp_fraction * n_states)))
-        idx = torch.randperm(n_states, generator=generator, device="cpu")[:n_fvp]
-        fvp_obs = batch.obs[idx.to(batch.obs.device)]
-    fisher = fisher_operator(actor.functional_dist_params, params, fvp_obs, family=actor.family)
     if distributed:  # each product: the mean over the Fisher states of every rank
         fvp_weight = nd.sample_weight(fvp_obs.shape[0]) if fvp_fraction < 1.0 else weight
         fisher = nd.all_reduce_operator(fisher, weight=fvp_weight)
@@ -209,12 +237,29 @@ def policy_step(
         check_finite=False,
     )
 
-    # (5) Backtracking line search on the exact surrogate and the exact mean KL.
+    # (5) Backtracking line search on the exact surrogate and the exact mean KL. Both come
+    # from one forward per candidate: the line search asks for L(θ) then KL(θ) at the same
+    # θ, so the pair is computed on the first call and reused by the second. On a GPU all
+    # candidates are evaluated in one batched (vmapped) pass and picked on the device.
+    batched = line_search_batched(batch.obs.device)
+    cache: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
+
+    def evaluate(theta: Tensor) -> tuple[Tensor, Tensor]:
+        dist = actor.functional_dist_params(space.unravel(theta), batch.obs)
+        surr = _surrogate_of_dist(family, dist, batch, log_prob_old)
+        return surr, kl_divergence(family, dist_old, dist).mean()
+
+    def objective_and_constraint(theta: Tensor) -> tuple[Tensor, Tensor]:
+        if cache.get("theta") is not theta:
+            pair = torch.func.vmap(evaluate)(theta) if batched else evaluate(theta)
+            cache["theta"], cache["pair"] = theta, pair
+        return cache["pair"]
+
     def objective(theta: Tensor) -> Tensor:
-        return surrogate(actor, space.unravel(theta), batch, log_prob_old)
+        return objective_and_constraint(theta)[0]
 
     def constraint(theta: Tensor) -> Tensor:
-        return mean_kl(actor, space.unravel(theta), batch.obs, dist_old)
+        return objective_and_constraint(theta)[1]
 
     if distributed:  # every rank sees the global L and KL, so all accept the same point
         objective = nd.all_reduce_function(objective, weight=weight)
@@ -231,32 +276,74 @@ def policy_step(
             max_tries=line_search_max_tries,
             accept_ratio=line_search_accept_ratio,
             objective_old=surrogate_old,
+            batched=batched,
         )
-        accepted = bool(result.accepted)
-        if accepted:
-            new_params = space.unravel(result.theta)
-            for name, p in actor.named_parameters():
-                p.copy_(new_params[name])
+        cache.clear()
+        # Written unconditionally: a rejected search returns θ_old bit for bit, so the copy
+        # is then a no-op, and deciding on the host would cost a device sync.
+        new_params = space.unravel(result.theta)
+        for name, p in actor.named_parameters():
+            p.copy_(new_params[name])
 
-    g_norm = float(torch.linalg.vector_norm(g))
+    # Every number of the result in one device-to-host transfer (one sync on a GPU).
     cg = step.cg
+    stats = [
+        result.accepted,
+        torch.isfinite(surrogate_old),
+        result.constraint,
+        result.improvement,
+        step.expected_improvement,
+        result.step_fraction,
+        result.tries,
+        cg.iterations,
+        cg.residual_norm,
+        torch.linalg.vector_norm(g),
+        torch.linalg.vector_norm(result.theta - theta_old),
+        policy_entropy,
+    ]
+    (
+        accepted,
+        surrogate_finite,
+        kl,
+        improvement,
+        expected,
+        fraction,
+        tries,
+        cg_iterations,
+        cg_residual,
+        g_norm,
+        step_norm,
+        policy_entropy,
+    ) = torch.stack([x.detach().reshape(()).to(torch.float64) for x in stats]).tolist()
+    accepted = bool(accepted)
     # A non-finite L(θ_old) makes the step meaningless even if g happened to be finite
-    # (the line search then rejects every candidate, so nothing was applied).
-    status = step.status.name if bool(torch.isfinite(surrogate_old)) else "NON_FINITE"
+    # (the line search then rejects every candidate, so nothing was applied). Reading the
+    # status after the transfer above costs no further wait: the device is idle by now.
+    status = step.status.name if surrogate_finite else "NON_FINITE"
     return PolicyStepResult(
         applied=accepted,
         status=status,
-        kl=float(result.constraint) if accepted else 0.0,
-        surrogate_improvement=float(result.improvement) if accepted else 0.0,
-        expected_improvement=float(step.expected_improvement),
-        step_fraction=float(result.step_fraction) if accepted else 0.0,
-        line_search_tries=int(result.tries),
-        cg_iterations=int(cg.iterations),
-        cg_residual=float(cg.residual_norm) / g_norm if g_norm > 0 else 0.0,
+        kl=kl if accepted else 0.0,
+        surrogate_improvement=improvement if accepted else 0.0,
+        expected_improvement=expected,
+        step_fraction=fraction if accepted else 0.0,
+        line_search_tries=int(tries),
+        cg_iterations=int(cg_iterations),
+        cg_residual=cg_residual / g_norm if g_norm > 0 else 0.0,
         grad_norm=g_norm,
-        step_norm=float(torch.linalg.vector_norm(result.theta - theta_old)) if accepted else 0.0,
-        entropy=float(policy_entropy),
+        step_norm=step_norm if accepted else 0.0,
+        entropy=policy_entropy,
     )
+
+
+def line_search_batched(device: torch.device) -> bool:
+    """Whether :func:`policy_step` evaluates its line-search candidates in one batched pass.
+
+    On a GPU (``cuda``): one vmapped forward for all candidates and an on-device choice, no
+    host sync per candidate. On a CPU the sequential search is cheaper, since the first
+    candidate is usually accepted and later ones are then never evaluated.
+    """
+    return torch.device(device).type == "cuda"
 
 
 def fit_critic(
@@ -294,6 +381,19 @@ def fit_critic(
         return _fit_critic_data_parallel(
             critic, optimizer, obs, returns, epochs, minibatch_size, generator
         )
+    # The same algorithm without per-minibatch autograd/optimiser overhead (flat buffers,
+    # written-out MLP backward, fused Adam), for the plain Critic + Adam it reproduces.
+    fast = fit_mlp_critic(
+        critic,
+        optimizer,
+        obs,
+        returns,
+        epochs=epochs,
+        minibatch_size=minibatch_size,
+        generator=generator,
+    )
+    if fast is not None:
+        return CriticFitResult(value_loss=float(fast.value_loss), steps=fast.steps)
     n = obs.shape[0]
     mb = max(1, min(minibatch_size, n))
     steps = 0
