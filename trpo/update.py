@@ -220,8 +220,7 @@ def policy_step(
         packed = torch.cat([g, surrogate_old.reshape(1), policy_entropy.reshape(1).to(g)])
         packed = nd.all_reduce_mean(packed, weight=weight)
         g, surrogate_old, policy_entropy = packed[:-2], packed[-2], packed[-1]
-
-    if distributed:  # each product: the mean over the Fisher states of every rank
+        # Each Fisher-vector product: the mean over the Fisher states of every rank.
         fvp_weight = nd.sample_weight(fvp_obs.shape[0]) if fvp_fraction < 1.0 else weight
         fisher = nd.all_reduce_operator(fisher, weight=fvp_weight)
 
@@ -252,6 +251,8 @@ def policy_step(
     def objective_and_constraint(theta: Tensor) -> tuple[Tensor, Tensor]:
         if cache.get("theta") is not theta:
             pair = torch.func.vmap(evaluate)(theta) if batched else evaluate(theta)
+            if distributed:  # the global L and KL (one all-reduce): all ranks accept alike
+                pair = nd.all_reduce_mean(torch.stack(pair), weight=weight).unbind(0)
             cache["theta"], cache["pair"] = theta, pair
         return cache["pair"]
 
@@ -261,9 +262,6 @@ def policy_step(
     def constraint(theta: Tensor) -> Tensor:
         return objective_and_constraint(theta)[1]
 
-    if distributed:  # every rank sees the global L and KL, so all accept the same point
-        objective = nd.all_reduce_function(objective, weight=weight)
-        constraint = nd.all_reduce_function(constraint, weight=weight)
     with torch.no_grad():
         result = line_search(
             objective,
