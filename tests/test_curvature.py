@@ -486,3 +486,32 @@ def test_operators_work_under_no_grad():
         ]
         for op in ops:
             assert rel_err(op.to_dense(), H) <= 1e-10
+
+
+@pytest.mark.parametrize("linearization", LINEARIZATIONS)
+@pytest.mark.parametrize("case", ["categorical", "diag_gaussian_shared", "multi_categorical"])
+def test_fisher_vjp_is_the_gradient_of_a_loss_of_the_outputs(case, linearization):
+    # op.vjp(∇_z ℓ) = Jᵀ∇_z ℓ must be ∇_θ ℓ(z(θ)); reference: autograd through the whole
+    # function on the flat vector (a different code path from the cached linearisation).
+    family, make = FISHER_CASES[case]
+    dist, params, args, _ = make()
+    op = fisher_operator(dist, params, *args, family=family, linearization=linearization)
+    space = ParamSpace(params)
+    weights = [
+        torch.randn(t.shape, dtype=DT, generator=torch.Generator().manual_seed(11 + i))
+        for i, t in enumerate(torch.utils._pytree.tree_leaves(op.outputs))
+    ]
+
+    def loss_of_outputs(z):
+        leaves = torch.utils._pytree.tree_leaves(z)
+        return sum((w * torch.sin(t)).sum() for w, t in zip(weights, leaves))
+
+    grad_z = torch.func.grad(loss_of_outputs)(op.outputs)
+    got = op.vjp(grad_z)
+    ref = torch.func.grad(lambda th: loss_of_outputs(dist(space.unravel(th), *args)))(
+        space.ravel(params)
+    )
+    assert got.shape == (space.numel,)
+    assert float(ref.abs().max()) > 1e-3
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    assert hessian_operator(lambda p: sum((v**2).sum() for v in p.values()), params).vjp is None
