@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -218,7 +217,12 @@ def test_critic_fit_on_two_shards_equals_one_process(ranks, name, split):
     mb = CRITIC_CASES[name]["minibatch_size"]
     if mb >= B:  # the single-process fit itself
         ref_fit = fit_critic(
-            critic, opt, obs, returns, epochs=CRITIC_EPOCHS, minibatch_size=mb,
+            critic,
+            opt,
+            obs,
+            returns,
+            epochs=CRITIC_EPOCHS,
+            minibatch_size=mb,
             generator=torch.Generator().manual_seed(0),
         )
         ref_loss, ref_steps = ref_fit.value_loss, ref_fit.steps
@@ -371,37 +375,41 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "trpo.run", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "trpo.run",
+        *args,
+    ]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_ranks_through_torchrun_write_one_set_of_artifacts(tmp_path):
-    updates = 3
-    proc = _torchrun([*FLAGS, "--total-steps", str(updates * GLOBAL_BATCH),
-                      "--runs-root", str(tmp_path), "--run-name", "dp"])  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["dp"]  # one run directory
-    run_dir = tmp_path / "dp"
-    metrics = read_metrics(run_dir / "metrics.csv")
-    # total_steps counts both ranks' steps: 3 updates of 2 × 128 transitions, one row each.
-    assert metrics["global_step"] == [GLOBAL_BATCH * u for u in range(1, updates + 1)]
-    assert all(n > 0 for n in metrics["charts/episodes"])
-    assert sorted(u for u, _ in list_checkpoints(run_dir)) == [1, 2, 3]
-    state = torch.load(dict(list_checkpoints(run_dir))[3], weights_only=False)
-    assert state["world_size"] == 2 and state["global_step"] == updates * GLOBAL_BATCH
-
-
-def test_a_killed_rank_stops_the_other_with_an_error_and_the_run_resumes(tmp_path):
+def test_killed_rank_stops_the_other_and_torchrun_resumes_with_one_set_of_artifacts(tmp_path):
+    """Phase 1: a fresh 2-rank CartPole run, the ranks started with the variables torchrun
+    sets (by hand, so that torchrun's agent does not itself tear the survivor down), without
+    a run name (each rank would stamp its own; rank 0's is used). Rank 1 is SIGKILLed after
+    two checkpoints: rank 0 must exit non-zero at once, saying how to resume. Phase 2:
+    ``torchrun --nproc-per-node 2 -m trpo.run --resume RUN_DIR`` completes two more updates
+    into the same single set of artifacts. (Two phases in one test: each start of two
+    interpreters costs seconds.)"""
     port = _free_port()
-    run_dir = tmp_path / "killed"
-    args = [*FLAGS, "--total-steps", "10000000", "--runs-root", str(tmp_path),
-            "--run-name", "killed"]  # fmt: skip
+    args = [*FLAGS, "--total-steps", "10000000", "--runs-root", str(tmp_path)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "trpo.run", *args],
-            env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(port), TRPO_DIST_TIMEOUT="60"),  # fmt: skip
+            env=_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                TRPO_DIST_TIMEOUT="60",
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -409,8 +417,8 @@ def test_a_killed_rank_stops_the_other_with_an_error_and_the_run_resumes(tmp_pat
         for r in range(2)
     ]
     try:
-        deadline = time.monotonic() + 90
-        while _newest(run_dir) < 2:
+        deadline = time.monotonic() + 120
+        while not any(_newest(d) >= 2 for d in tmp_path.iterdir()):
             assert time.monotonic() < deadline, "no checkpoint written"
             assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
             time.sleep(0.2)
@@ -423,17 +431,23 @@ def test_a_killed_rank_stops_the_other_with_an_error_and_the_run_resumes(tmp_pat
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    (run_dir,) = tmp_path.iterdir()  # one run directory, whatever each rank's clock said
     assert procs[0].returncode != 0 and waited < 30
     assert "rank 0 of 2" in err and f"--resume {run_dir}" in err, err[-3000:]
 
     last = _newest(run_dir)
     proc = _torchrun(["--resume", str(run_dir), "--total-steps", str((last + 2) * GLOBAL_BATCH)])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]
+    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.csv", "checkpoints"}
     assert _newest(run_dir) == last + 2
-    steps = read_metrics(run_dir / "metrics.csv")["global_step"]
-    assert steps[-3:] == [GLOBAL_BATCH * u for u in (last, last + 1, last + 2)]
-    assert steps == sorted(set(steps))  # no duplicate rows after the resume
-    np.testing.assert_array_equal(np.diff(steps), GLOBAL_BATCH)
+    state = torch.load(dict(list_checkpoints(run_dir))[last + 2], weights_only=False)
+    assert state["world_size"] == 2 and state["global_step"] == (last + 2) * GLOBAL_BATCH
+    metrics = read_metrics(run_dir / "metrics.csv")
+    # total_steps counts both ranks' steps: one row per update of 2 × 128 transitions, the
+    # rows of the killed run up to its checkpoint kept, none repeated.
+    assert metrics["global_step"] == [GLOBAL_BATCH * u for u in range(1, last + 3)]
+    assert all(n > 0 for n in metrics["charts/episodes"])  # gathered from both ranks
 
 
 def test_kl_of_the_distributed_step_is_within_the_trust_region(ranks):
