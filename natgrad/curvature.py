@@ -166,8 +166,21 @@ def hessian_operator(
 
     else:
 
+        # Some losses' backward formulas have no forward-mode derivative that works under
+        # jvp (torch 2.13: F.mse_loss raises "ZeroTensors are immutable"). For those the
+        # operator falls back, once, to reverse-over-reverse: H v = vjp(grad L)(v), exact
+        # too since H is symmetric, at the cost of a second reverse pass.
+        reverse: list[Any] = []
+
         def matvec(v: Tensor) -> Tensor:
-            return ravel(jvp(grad_fn, (primals,), (unravel(v),))[1])
+            if not reverse:
+                try:
+                    return ravel(jvp(grad_fn, (primals,), (unravel(v),))[1])
+                except RuntimeError as e:
+                    if "ZeroTensor" not in str(e):
+                        raise
+                    reverse.append(vjp(grad_fn, primals)[1])
+            return ravel(reverse[0](unravel(v))[0])
 
     return CurvatureOperator(matvec, space)
 
