@@ -321,7 +321,7 @@ def test_real_update_keeps_kl_within_max_kl_and_improves_the_surrogate(real_prob
     # The step taken is the one reported.
     step_norm = math.sqrt(
         sum(
-            float((p - q).double().pow(2).sum())
+            float((p - q).detach().double().pow(2).sum())
             for p, q in zip(actor.parameters(), old.parameters())
         )
     )
