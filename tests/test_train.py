@@ -276,6 +276,14 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     # Same columns before and after the resume, every row complete.
     assert all(not math.isnan(v) for v in metrics["trpo/kl"])
 
+    # A resume that asks for fewer steps than done trains nothing and rewrites no checkpoint.
+    ckpt_dir = run_dir / CHECKPOINT_DIRNAME
+    before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    code, _, err = _run_cli(["--resume", str(run_dir), "--total-steps", str(4 * BATCH)])
+    assert code == 0, err
+    assert {p.name: p.read_bytes() for p in ckpt_dir.iterdir()} == before
+    assert read_metrics(run_dir / "metrics.csv")[STEP_COLUMN] == steps
+
 
 # --------------------------------------------------------------------------------------------
 # Command line: --help, --env, bad input

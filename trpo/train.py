@@ -437,7 +437,9 @@ def _train(
                 )
             if (update + 1) % config.checkpoint_every == 0 and update + 1 < num_updates:
                 checkpoint(update + 1)
-        checkpoint(num_updates)
+        # max: a resume asked for fewer steps than already done trains nothing and must not
+        # save the current state under an older update's name.
+        checkpoint(max(num_updates, start_update))
     finally:
         bar.close()
         logger.close()
