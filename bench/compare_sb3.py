@@ -219,9 +219,9 @@ def run_sb3(env_id: str, s: dict[str, Any], seed: int, steps: int, eval_episodes
 
 def run_ours(env_id: str, s: dict[str, Any], seed: int, steps: int, eval_episodes: int) -> dict:
     """Train this project's TRPO (``trpo.train.train``); timings and returns as a dict."""
-    import torch
-
     import importlib
+
+    import torch
 
     from trpo.config import TRPOConfig
     from trpo.evaluate import evaluate_policy
@@ -301,6 +301,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    # The first torch.optim.Adam imports torch._dynamo (seconds): SB3 builds its optimiser
+    # before learn() and ours inside train(), so pay that import here for both sides.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     s = json.loads(args.settings)
     s["hidden_sizes"] = tuple(s["hidden_sizes"])
     fn = run_sb3 if args.worker == "sb3" else run_ours
@@ -398,7 +401,7 @@ def summarize(trials: list[Trial]) -> str:
             )
         a, b = med["sb3"], med["ours"]
 
-        def ratio(key: str) -> float:
+        def ratio(key: str, a: dict = a, b: dict = b) -> float:
             return a[key] / b[key] if b[key] > 0 else float("nan")
 
         lines.append(

@@ -8,7 +8,9 @@ arithmetic (a 64-64 tanh MLP on 128 states is ~1 MFLOP), and on a GPU every one 
 kernels is a launch. :func:`fit_mlp_critic` runs the same mathematics with the fewest ops:
 
 * all parameters live in **one flat buffer** (views per layer), so the gradient is one
-  vector and Adam is 7 fused elementwise ops over it instead of ~10 per parameter;
+  vector and Adam is one fused kernel over it (``torch._fused_adam_``, what
+  ``Adam(fused=True)`` runs; its 7-op formula where that kernel is missing) instead of ~10
+  ops per parameter;
 * the tanh MLP's **backward is written out** (``dW_l = g_lᵀ h_{l−1}``, ``db_l = Σ g_l``,
   ``g_{l−1} = tanh′ ⊙ (g_l W_l)``), each product written into its slice of the flat
   gradient (``out=``): no graph is recorded, no engine runs;
@@ -17,10 +19,11 @@ kernels is a launch. :func:`fit_mlp_critic` runs the same mathematics with the f
 
 It is the generic loop's algorithm exactly: the same permutations drawn from the same
 generator, the same minibatches, the loss ``mean (V − R)²`` per minibatch, the update of
-``torch.optim.Adam`` (single-tensor formula, bias-corrected, ``eps`` outside the square root)
-and its state (``step``, ``exp_avg``, ``exp_avg_sq``) read from and written back to the
-optimiser, so checkpoints and later generic steps continue seamlessly. Results agree with
-the generic loop up to float rounding (summation order inside the products).
+``torch.optim.Adam`` (bias-corrected, ``eps`` outside the square root) and its state
+(``step``, ``exp_avg``, ``exp_avg_sq``) read from and written back to the optimiser, so
+checkpoints and later generic steps continue seamlessly. Results agree with the generic
+loop up to float rounding (the fused kernel rounds the Adam update in its own order: a few
+ulps per step).
 
 It applies only where that equivalence is certain, and returns ``None`` otherwise (the
 caller then runs the generic loop): a :class:`trpo.policy.Critic` with its own forward (a
@@ -30,8 +33,8 @@ maximize, capturable, differentiable or fused), floating dtype, one device.
 
 On CUDA the loop can also be recorded once into a CUDA graph (``cuda_graph=True``) and
 replayed for later fits of the same shapes: one launch for all ``epochs × steps`` Adam
-steps, so the fit stops being launch-bound. The per-step Adam scalars then come from
-device tensors filled before each replay.
+steps, so the fit stops being launch-bound (the fused Adam kernel reads its step count from
+a device tensor, so nothing changes on the host between the recorded steps).
 """
 
 from __future__ import annotations
@@ -136,6 +139,9 @@ class _FlatMLP:
             self.step = 0
             self.exp_avg = torch.zeros_like(self.flat)
             self.exp_avg_sq = torch.zeros_like(self.flat)
+        self.fused = fused_adam_available(self.flat.device, self.flat.dtype)
+        # The fused kernel's step count: a float32 tensor on the parameters' device.
+        self.step_t = torch.full((), float(self.step), dtype=torch.float32, device=self.flat.device)
         shapes = [p.shape for p in self.params]
         split = torch.split
         pv = [v.view(s) for v, s in zip(split(self.flat, sizes), shapes)]
@@ -162,45 +168,40 @@ class _FlatMLP:
             if i > 0:
                 g = _tanh_backward(torch.mm(g, self.weights[i]), inputs[i])
 
-    def adam_step(self, step_size: float, bc2_sqrt: float) -> None:
-        """torch.optim.Adam's update on the flat buffers (its single-tensor formula)."""
+    def adam_step(self) -> None:
+        """One step of torch.optim.Adam on the flat buffers.
+
+        With the fused kernel (``torch._fused_adam_``, what ``Adam(fused=True)`` runs): one op
+        that reads the step count from a device tensor, so it also runs inside a CUDA graph.
+        Otherwise the single-tensor formula of ``Adam(foreach=False)``, op for op.
+        """
         o = self.options
+        self.step += 1
+        if self.fused:
+            self.step_t += 1
+            torch._fused_adam_(
+                [self.flat],
+                [self.grad],
+                [self.exp_avg],
+                [self.exp_avg_sq],
+                [],
+                [self.step_t],
+                lr=o["lr"],
+                beta1=o["beta1"],
+                beta2=o["beta2"],
+                weight_decay=0.0,
+                eps=o["eps"],
+                amsgrad=False,
+                maximize=False,
+            )
+            return
         self.exp_avg.lerp_(self.grad, 1.0 - o["beta1"])
         self.exp_avg_sq.mul_(o["beta2"]).addcmul_(self.grad, self.grad, value=1.0 - o["beta2"])
+        bias_correction1 = 1.0 - o["beta1"] ** self.step
+        bias_correction2 = 1.0 - o["beta2"] ** self.step
         torch.sqrt(self.exp_avg_sq, out=self.denom)
-        self.denom.div_(bc2_sqrt).add_(o["eps"])
-        self.flat.addcdiv_(self.exp_avg, self.denom, value=-step_size)
-
-    def adam_step_on_device(self, scale: Tensor, shift: Tensor) -> None:
-        """The same update with the step-dependent scalars in 0-d device tensors (no host
-        number changes between steps, so it can be recorded in a CUDA graph): Adam's
-        ``capturable`` formula, ``θ += m / (sqrt(v) / scale + shift)`` with
-        ``scale = −sqrt(1 − β₂ᵗ) · lr / (1 − β₁ᵗ)`` and ``shift = −eps (1 − β₁ᵗ) / lr``."""
-        o = self.options
-        self.exp_avg.lerp_(self.grad, 1.0 - o["beta1"])
-        self.exp_avg_sq.mul_(o["beta2"]).addcmul_(self.grad, self.grad, value=1.0 - o["beta2"])
-        torch.sqrt(self.exp_avg_sq, out=self.denom)
-        self.denom.div_(scale).add_(shift)
-        self.flat.addcdiv_(self.exp_avg, self.denom)
-
-    def scalars(self, step: int) -> tuple[float, float]:
-        """Adam's ``lr / (1 − β₁ᵗ)`` and ``sqrt(1 − β₂ᵗ)`` at step ``t`` (as torch computes them)."""
-        o = self.options
-        bc1 = 1.0 - o["beta1"] ** step
-        bc2 = 1.0 - o["beta2"] ** step
-        return o["lr"] / bc1, math.sqrt(bc2)
-
-    def device_scalars(self, first_step: int, count: int) -> tuple[Tensor, Tensor]:
-        """``(scale, shift)`` of :meth:`adam_step_on_device` for steps ``first_step …``, as
-        two ``(count,)`` tensors on the device (one host-to-device copy)."""
-        o = self.options
-        rows = []
-        for t in range(first_step, first_step + count):
-            step_size, bc2_sqrt = self.scalars(t)
-            rows.append((-bc2_sqrt * step_size, -o["eps"] / step_size))
-        table = torch.tensor(rows, dtype=self.flat.dtype).T.contiguous()
-        table = table.to(self.flat.device, non_blocking=True)
-        return table[0], table[1]
+        self.denom.div_(math.sqrt(bias_correction2)).add_(o["eps"])
+        self.flat.addcdiv_(self.exp_avg, self.denom, value=-o["lr"] / bias_correction1)
 
     def write_back(self) -> None:
         """Copy the flat parameters and moments into the critic and the optimiser state."""
@@ -221,6 +222,44 @@ class _FlatMLP:
                     state["step"] = torch.tensor(float(self.step), dtype=_scalar_dtype())
                     state["exp_avg"] = m.view(p.shape).clone()
                     state["exp_avg_sq"] = s.view(p.shape).clone()
+
+
+_FUSED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def fused_adam_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._fused_adam_`` (a private op of torch.optim) runs here: probed once
+    per device type and dtype on a one-element problem, so a torch without it (or with a
+    different signature) falls back to the explicit formula."""
+    key = (torch.device(device).type, dtype)
+    if key not in _FUSED_OK:
+        try:
+            p, g = (
+                torch.zeros(1, dtype=dtype, device=device),
+                torch.ones(1, dtype=dtype, device=device),
+            )
+            m, v = torch.zeros_like(p), torch.zeros_like(p)
+            step = torch.ones((), dtype=torch.float32, device=device)
+            torch._fused_adam_(
+                [p],
+                [g],
+                [m],
+                [v],
+                [],
+                [step],
+                lr=0.5,
+                beta1=0.9,
+                beta2=0.999,
+                weight_decay=0.0,
+                eps=1e-8,
+                amsgrad=False,
+                maximize=False,
+            )
+            # Adam's first step moves every coordinate by lr·sign(g) (up to eps).
+            _FUSED_OK[key] = bool(torch.isclose(p, torch.full_like(p, -0.5)).all())
+        except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+            _FUSED_OK[key] = False
+    return _FUSED_OK[key]
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -303,8 +342,7 @@ def _eager_fit(
             diff = v.view(-1) - r
             # ∂/∂V of mean_k (V − R)² is 2 (V − R) / k.
             state.backward((diff * (2.0 / diff.shape[0])).unsqueeze(1), inputs)
-            state.step += 1
-            state.adam_step(*state.scalars(state.step))
+            state.adam_step()
             if last_epoch:
                 total = total + torch.dot(diff, diff)
     return total

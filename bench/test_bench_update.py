@@ -1,0 +1,79 @@
+"""Whole TRPO updates: this project's ``policy_step`` / ``fit_critic`` against sb3-contrib's
+``TRPO.train()`` on the same sizes, batch and hyperparameters (SB3's defaults: 15 CG
+iterations, damping 0.1, δ = 0.01, 10 critic epochs of minibatch 128, Adam 1e-3).
+
+* ``grad``: one surrogate gradient of the actor (the unit of the summary's ``x grad``);
+* ``policy_step``: gradient, Fisher set-up, 15 CG iterations, step, line search, applied;
+* ``fit_critic``: 10 epochs of minibatch 128;
+* ``update``: both (the update phase of one TRPO iteration; GAE is not included);
+* ``sb3_train``: SB3's ``train()`` on its rollout buffer filled with a batch of the same size;
+  its policy-step / critic-loop split is recorded as ``sb3_policy`` / ``sb3_critic``.
+
+Every round starts from the same parameters and optimiser state (reset outside the timing).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bench_problems import make_sb3_trpo, make_trpo_problem, median
+
+from natgrad.params import flat_grad
+from trpo.policy import log_prob
+from trpo.update import fit_critic, policy_step, surrogate
+
+STEP = dict(max_kl=0.01, cg_iters=15, cg_damping=0.1)
+CRITIC = dict(epochs=10, minibatch_size=128)
+
+
+@pytest.fixture
+def problem(case, device):
+    return make_trpo_problem(case, device)
+
+
+def _policy_step(p):
+    return policy_step(p.actor, p.batch, **STEP)
+
+
+def _fit(p):
+    return fit_critic(
+        p.critic,
+        p.optimizer,
+        p.batch.obs,
+        p.returns,
+        generator=torch.Generator().manual_seed(0),
+        **CRITIC,
+    )
+
+
+def test_grad(bench, problem):
+    p = problem
+    params = {k: v.detach() for k, v in p.actor.named_parameters()}
+    with torch.no_grad():
+        mean, log_std = p.actor(p.batch.obs)
+        logp_old = log_prob("diag_gaussian", (mean, log_std), p.batch.actions)
+    bench("grad", lambda: flat_grad(lambda q: surrogate(p.actor, q, p.batch, logp_old), params))
+
+
+def test_policy_step(bench, problem):
+    result = bench("policy_step", lambda: _policy_step(problem), setup=problem.reset)
+    assert result.applied and result.cg_iterations == STEP["cg_iters"]
+
+
+def test_fit_critic(bench, problem):
+    result = bench("fit_critic", lambda: _fit(problem), setup=problem.reset)
+    assert result.steps == CRITIC["epochs"] * -(-problem.batch.obs.shape[0] // 128)
+
+
+def test_update(bench, problem):
+    p = problem
+    bench("update", lambda: (_policy_step(p), _fit(p)), setup=p.reset)
+
+
+def test_sb3_train(bench, case, device):
+    pytest.importorskip("sb3_contrib")
+    model, timer = make_sb3_trpo(case, device)
+    bench("sb3_train", timer["train"], setup=timer["reset"])
+    splits = timer["splits"][1:]  # without the warm-up call
+    bench.record("sb3_policy", median([s[0] for s in splits]))
+    bench.record("sb3_critic", median([s[1] for s in splits]))
