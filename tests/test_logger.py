@@ -185,6 +185,8 @@ def test_metric_keys_document_the_stable_names():
         "charts/steps_per_second",
         "time/rollout_seconds",
         "time/update_seconds",
+        "time/policy_step_seconds",
+        "time/critic_seconds",
         "time/elapsed_seconds",
     }
 

@@ -162,8 +162,10 @@ class TRPOConfig:
     """Torch device: 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (cuda if available)."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating-point dtype of the networks and of the update."""
-    torch_threads: int = 0
-    """torch.set_num_threads value; 0 = leave torch's default."""
+    torch_threads: int = 1
+    """torch.set_num_threads value; 0 = leave torch's default. One thread is fastest for the
+    small MLPs of classic control and MuJoCo (measured: 5× faster than 2 threads on a loaded
+    2-core machine); raise it for large networks or batches."""
     max_consecutive_failures: int = 3
     """Stop (after saving the last good state) when this many updates in a row were rejected
     as non-finite."""

@@ -75,7 +75,7 @@ METRIC_KEYS: Mapping[str, str] = MappingProxyType(
         "trpo/consecutive_failures": "Non-finite updates in a row (the run stops at the limit).",
         # natural-gradient solve
         "natgrad/cg_iterations": "CG iterations run for s ≈ (H + λI)⁻¹g.",
-        "natgrad/cg_residual": "Final CG residual norm ‖g − (H + λI)s‖.",
+        "natgrad/cg_residual": "Relative final CG residual ‖g − (H + λI)s‖ / ‖g‖.",
         "natgrad/curvature": "sᵀ(H + λI)s, the quadratic KL model of the step direction.",
         # critic
         "trpo/value_loss": "Critic mean squared error over the last fitting epoch.",
@@ -83,6 +83,8 @@ METRIC_KEYS: Mapping[str, str] = MappingProxyType(
         # timing (excluded from determinism comparisons)
         "time/rollout_seconds": "Wall-clock seconds of the rollout.",
         "time/update_seconds": "Wall-clock seconds of the policy + critic update.",
+        "time/policy_step_seconds": "Wall-clock seconds of the trust-region policy step.",
+        "time/critic_seconds": "Wall-clock seconds of the critic fit.",
         "time/elapsed_seconds": "Wall-clock seconds since the run (or the resume) started.",
     }
 )
