@@ -134,6 +134,12 @@ def _detach(dist):
     return dist.detach()
 
 
+def _clone(dist):
+    if isinstance(dist, (list, tuple)):
+        return type(dist)(d.detach().clone() for d in dist)
+    return dist.detach().clone()
+
+
 def policy_step(
     actor: Actor,
     batch: PolicyBatch,
@@ -198,7 +204,9 @@ def policy_step(
     # π_old on the batch, fixed for the whole step: ratios are exactly 1 at θ_old.
     with torch.no_grad():
         if full_batch:
-            dist_old = fisher.outputs
+            # Cloned: a shared log σ in the outputs is the live parameter itself, which the
+            # step below overwrites; π_old must not move with it.
+            dist_old = _clone(fisher.outputs)
         else:
             dist_old = _detach(actor.functional_dist_params(params, batch.obs))
         log_prob_old = log_prob(family, dist_old, batch.actions)
