@@ -32,6 +32,7 @@ from natgrad import distributed as nd
 from natgrad.linop import LinearOperator
 from trpo.checkpoint import list_checkpoints
 from trpo.distributed import SINGLE_PROCESS, DataParallel, SyncedRunningMeanStd
+from trpo.fast_critic import supports_fast_fit
 from trpo.gae import normalize_advantages
 from trpo.logger import read_metrics
 from trpo.normalize import RunningMeanStd
@@ -47,7 +48,11 @@ POLICY_CASES = {  # name -> (obs space, action space, extra policy_step kwargs)
     "gaussian": (gym.spaces.Box(-1, 1, (5,)), gym.spaces.Box(-1, 1, (2,)), {}),
     "categorical": (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(3), {"cg_rtol": 1e-3}),
 }
-CRITIC_CASES = {"full_batch": dict(minibatch_size=10_000), "minibatches": dict(minibatch_size=16)}
+CRITIC_CASES = {  # name -> (minibatch size, amsgrad: the fused flat fit or the autograd loop)
+    "full_batch": (10_000, False),
+    "minibatches": (16, False),
+    "minibatches_autograd": (16, True),
+}
 CRITIC_EPOCHS = 3
 
 
@@ -65,10 +70,13 @@ def _policy_batch(name: str) -> tuple[torch.nn.Module, PolicyBatch]:
     return actor, PolicyBatch(obs=obs, actions=actions, advantages=advantages)
 
 
-def _critic_data() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+def _critic_data(
+    amsgrad: bool = False,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
     torch.manual_seed(2)
     critic = make_critic(gym.spaces.Box(-1, 1, (5,)), (16,)).to(DTYPE)
-    opt = torch.optim.Adam(critic.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-2, amsgrad=amsgrad)
+    assert supports_fast_fit(critic, opt, torch.zeros(1, 5, dtype=DTYPE)) != amsgrad
     g = torch.Generator().manual_seed(3)
     obs = torch.randn(B, 5, generator=g, dtype=DTYPE)
     returns = torch.randn(B, generator=g, dtype=DTYPE) * 3 + 1
@@ -103,8 +111,8 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
                 shard = PolicyBatch(*(_shard(t, split, rank) for t in dataclasses.astuple(batch)))
                 result = policy_step(actor, shard, **STEP_KW, **extra, distributed=True)
                 out[f"policy/{name}/{split_name}"] = (_flat(actor), result)
-            for name, kw in CRITIC_CASES.items():
-                critic, opt, obs, returns = _critic_data()
+            for name, (mb, amsgrad) in CRITIC_CASES.items():
+                critic, opt, obs, returns = _critic_data(amsgrad)
                 gen = torch.Generator().manual_seed(100 + rank)
                 fit = fit_critic(
                     critic,
@@ -114,7 +122,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
                     epochs=CRITIC_EPOCHS,
                     generator=gen,
                     distributed=True,
-                    **kw,
+                    minibatch_size=mb,
                 )
                 out[f"critic/{name}/{split_name}"] = (_flat(critic), fit)
             data = _stats_data()
@@ -213,8 +221,8 @@ def test_critic_fit_on_two_shards_equals_one_process(ranks, name, split):
     """Minibatch k of the global fit is the union of each rank's k-th piece of its shuffled
     shard (``fit_critic(distributed=True)``); replayed here in one process with the same
     per-rank shuffles. With a minibatch ≥ the batch that is plain full-batch ``fit_critic``."""
-    critic, opt, obs, returns = _critic_data()
-    mb = CRITIC_CASES[name]["minibatch_size"]
+    mb, amsgrad = CRITIC_CASES[name]
+    critic, opt, obs, returns = _critic_data(amsgrad)
     if mb >= B:  # the single-process fit itself
         ref_fit = fit_critic(
             critic,
