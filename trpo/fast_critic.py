@@ -301,7 +301,7 @@ def fit_mlp_critic(
     Returns:
         A :class:`FastFitResult`, or ``None`` if the fast path does not apply.
     """
-    if not supports_fast_fit(critic, optimizer, obs):
+    if epochs < 1 or not supports_fast_fit(critic, optimizer, obs):
         return None
     n = obs.shape[0]
     mb = max(1, min(int(minibatch_size), n))
@@ -314,28 +314,32 @@ def fit_mlp_critic(
         ours, _ = state.forward(probe)
         if not torch.allclose(ours.reshape(-1), critic(obs[:mb]), rtol=1e-4, atol=1e-5):
             return None
-        perms = _permutations(n, epochs, generator)
-        if cuda_graph and obs.device.type == "cuda":
+        # Every epoch's permutation in one host-to-device copy.
+        idx_all = torch.stack(_permutations(n, epochs, generator)).to(obs.device)
+        total = None
+        if cuda_graph:
             from trpo.cuda_graphs import replay_critic_fit
 
-            total = replay_critic_fit(critic, state, x_all, returns, perms, mb)
-        else:
-            total = _eager_fit(state, x_all, returns, perms, mb)
+            total = replay_critic_fit(critic, state, x_all, returns, idx_all, mb)
+        if total is None:
+            total = _minibatch_loop(state, x_all, returns, idx_all, mb)
         state.write_back()
-    return FastFitResult(value_loss=total / n, steps=len(perms) * -(-n // mb))
+    return FastFitResult(value_loss=total / n, steps=epochs * -(-n // mb))
 
 
-def _eager_fit(
-    state: _FlatMLP, x_all: Tensor, returns: Tensor, perms: list[Tensor], mb: int
+def _minibatch_loop(
+    state: _FlatMLP, x_all: Tensor, returns: Tensor, idx_all: Tensor, mb: int
 ) -> Tensor:
+    """All Adam steps: for each row of ``idx_all`` (an epoch's permutation, on the device),
+    the minibatches of ``mb`` consecutive samples of the permuted batch. Returns the last
+    epoch's sum of squared errors (a 0-d tensor). No host sync: recordable as a CUDA graph."""
     n = x_all.shape[0]
-    device = x_all.device
-    idx_all = torch.stack(perms).to(device, non_blocking=True) if perms else None
-    total = torch.zeros((), dtype=x_all.dtype, device=device)
-    for e in range(len(perms)):
+    epochs = idx_all.shape[0]
+    total = torch.zeros((), dtype=x_all.dtype, device=x_all.device)
+    for e in range(epochs):
         idx = idx_all[e]
         xs, rs = x_all.index_select(0, idx), returns.index_select(0, idx)
-        last_epoch = e == len(perms) - 1
+        last_epoch = e == epochs - 1
         for start in range(0, n, mb):
             x, r = xs[start : start + mb], rs[start : start + mb]
             v, inputs = state.forward(x)

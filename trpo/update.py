@@ -33,7 +33,7 @@ from torch import Tensor
 from natgrad import distributed as nd
 from natgrad.curvature import fisher_operator
 from natgrad.params import ParamSpace, flat_grad
-from natgrad.trust_region import line_search, natural_step
+from natgrad.trust_region import NaturalStep, line_search, natural_step
 from trpo.fast_critic import _FlatMLP, fit_mlp_critic, supports_fast_fit
 from trpo.policy import Actor, Critic, entropy, kl_divergence, log_prob
 
@@ -44,6 +44,8 @@ __all__ = [
     "surrogate",
     "mean_kl",
     "policy_step",
+    "policy_step_tensors",
+    "PolicyStepTensors",
     "fit_critic",
     "explained_variance",
 ]
@@ -154,6 +156,7 @@ def policy_step(
     line_search_accept_ratio: float = 0.0,
     generator: torch.Generator | None = None,
     distributed: bool = False,
+    cuda_graph: bool = False,
 ) -> PolicyStepResult:
     """One trust-region step of the actor, in place (only if the line search accepts).
 
@@ -174,9 +177,81 @@ def policy_step(
             and KL, the entropy) is the sample-count-weighted mean over all ranks, so every
             rank takes the step one process would take on the union of the shards. Every
             rank must call this together, with identical actor parameters.
+        cuda_graph: On CUDA, run the whole step (gradient, Fisher set-up, CG, step, batched
+            line search) as one CUDA graph, recorded at the first call for these shapes and
+            settings and replayed afterwards (``trpo.cuda_graphs``): the step stops being
+            launch-bound. Needs fixed-iteration CG (``cg_rtol = 0``), ``fvp_fraction = 1``
+            and no ``distributed``; otherwise, or if recording fails, the eager step runs.
 
     Returns:
         A :class:`PolicyStepResult`.
+    """
+    settings = dict(
+        max_kl=max_kl,
+        cg_iters=cg_iters,
+        cg_damping=cg_damping,
+        cg_rtol=cg_rtol,
+        fvp_fraction=fvp_fraction,
+        line_search_shrink=line_search_shrink,
+        line_search_max_tries=line_search_max_tries,
+        line_search_accept_ratio=line_search_accept_ratio,
+    )
+    out = None
+    if cuda_graph and not distributed:
+        from trpo.cuda_graphs import graphed_policy_step
+
+        out = graphed_policy_step(actor, batch, settings)
+    if out is None:
+        out = policy_step_tensors(
+            actor, batch, generator=generator, distributed=distributed, **settings
+        )
+    with torch.no_grad():
+        # Written unconditionally: a rejected search returns θ_old bit for bit, so the copy
+        # is then a no-op, and deciding on the host would cost a device sync.
+        new_params = out.space.unravel(out.theta)
+        for name, p in actor.named_parameters():
+            p.copy_(new_params[name])
+    return _step_result(out)
+
+
+@dataclass(frozen=True)
+class PolicyStepTensors:
+    """The device-side outcome of :func:`policy_step_tensors` (nothing read on the host).
+
+    Attributes:
+        theta: ``(n,)`` the new flat parameters (θ_old bit for bit when rejected).
+        stats: ``(12,)`` float64: accepted, L(θ_old) finite, KL, improvement, expected
+            improvement, step fraction, tries, CG iterations, CG residual, ‖g‖, ‖Δθ‖, entropy.
+        step: The :class:`~natgrad.trust_region.NaturalStep` (its status is read from it).
+        space: The :class:`ParamSpace` of the actor's parameters.
+    """
+
+    theta: Tensor
+    stats: Tensor
+    step: NaturalStep
+    space: ParamSpace
+
+
+def policy_step_tensors(
+    actor: Actor,
+    batch: PolicyBatch,
+    *,
+    max_kl: float,
+    cg_iters: int,
+    cg_damping: float,
+    cg_rtol: float = 0.0,
+    fvp_fraction: float = 1.0,
+    line_search_shrink: float = 0.8,
+    line_search_max_tries: int = 10,
+    line_search_accept_ratio: float = 0.0,
+    generator: torch.Generator | None = None,
+    distributed: bool = False,
+) -> PolicyStepTensors:
+    """:func:`policy_step`'s computation, without touching the actor or the host.
+
+    Arguments as :func:`policy_step`. With fixed-iteration CG (``cg_rtol = 0``),
+    ``fvp_fraction = 1`` and the batched line search (CUDA), it runs without a host sync,
+    which is what lets ``trpo.cuda_graphs`` record it as one CUDA graph.
     """
     params = {name: p.detach() for name, p in actor.named_parameters()}
     space = ParamSpace(params)
@@ -285,13 +360,8 @@ def policy_step(
             batched=batched,
         )
         cache.clear()
-        # Written unconditionally: a rejected search returns θ_old bit for bit, so the copy
-        # is then a no-op, and deciding on the host would cost a device sync.
-        new_params = space.unravel(result.theta)
-        for name, p in actor.named_parameters():
-            p.copy_(new_params[name])
 
-    # Every number of the result in one device-to-host transfer (one sync on a GPU).
+    # Every number of the result in one tensor: one device-to-host transfer (one sync).
     cg = step.cg
     stats = [
         result.accepted,
@@ -307,6 +377,11 @@ def policy_step(
         torch.linalg.vector_norm(result.theta - theta_old),
         policy_entropy,
     ]
+    stats = torch.stack([x.detach().reshape(()).to(torch.float64) for x in stats])
+    return PolicyStepTensors(theta=result.theta, stats=stats, step=step, space=space)
+
+
+def _step_result(out: PolicyStepTensors) -> PolicyStepResult:
     (
         accepted,
         surrogate_finite,
@@ -320,12 +395,12 @@ def policy_step(
         g_norm,
         step_norm,
         policy_entropy,
-    ) = torch.stack([x.detach().reshape(()).to(torch.float64) for x in stats]).tolist()
+    ) = out.stats.tolist()
     accepted = bool(accepted)
     # A non-finite L(θ_old) makes the step meaningless even if g happened to be finite
     # (the line search then rejects every candidate, so nothing was applied). Reading the
     # status after the transfer above costs no further wait: the device is idle by now.
-    status = step.status.name if surrogate_finite else "NON_FINITE"
+    status = out.step.status.name if surrogate_finite else "NON_FINITE"
     return PolicyStepResult(
         applied=accepted,
         status=status,
@@ -362,6 +437,7 @@ def fit_critic(
     minibatch_size: int,
     generator: torch.Generator | None = None,
     distributed: bool = False,
+    cuda_graph: bool = False,
 ) -> CriticFitResult:
     """Regress V_φ(s_t) on the GAE returns R_t: ``epochs`` passes of Adam over shuffled minibatches.
 
@@ -382,6 +458,9 @@ def fit_critic(
             union of those pieces (gradients all-reduced with the global piece sizes), so
             every rank takes the same Adam steps. With ``minibatch_size ≥ N`` this is the
             single-process full-batch fit exactly.
+        cuda_graph: On CUDA, with the plain Critic and Adam (``trpo.fast_critic``), run all
+            the Adam steps of the fit as one recorded CUDA graph (``trpo.cuda_graphs``),
+            replayed for later fits of the same shapes.
     """
     if distributed:
         return _fit_critic_data_parallel(
@@ -397,6 +476,7 @@ def fit_critic(
         epochs=epochs,
         minibatch_size=minibatch_size,
         generator=generator,
+        cuda_graph=cuda_graph,
     )
     if fast is not None:
         return CriticFitResult(value_loss=float(fast.value_loss), steps=fast.steps)
