@@ -11,6 +11,8 @@ same parameters and states:
   (what SB3-contrib does), construction (a ``create_graph`` gradient) and one product;
 * ``hvp_fwd_rev``: ``hessian_operator`` of the mean KL (forward-over-reverse), one product;
 * ``cg10`` / ``cg25``: ``cg_solve`` on the damped Fisher, fixed iterations (operator built);
+* ``fisher_cg15_graphed`` (CUDA only): Fisher set-up + 15 CG iterations recorded as one CUDA
+  graph (gradient and states in static buffers), replayed;
 * ``scipy_cg10``: ``scipy.sparse.linalg.cg`` on ``fisher.to_scipy()``, 10 iterations (CPU);
 * ``ggn_natgrad`` / ``ggn_curvlinops``: one GGN product of the mean network under the mean
   squared error, natgrad's ``ggn_operator`` and curvlinops' ``GGNLinearOperator``.
@@ -99,6 +101,32 @@ def test_cg(bench, problem, iters):
 
     res = bench(f"cg{iters}", solve)
     assert res.matvecs == iters
+
+
+@pytest.mark.huge_ok
+def test_fisher_cg_graphed(bench, problem, device):
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    p = problem
+    _, g = flat_grad(p.surrogate, p.params)
+    g = g.detach().clone()
+
+    def setup_and_solve():
+        op = fisher_operator(p.dist, p.params, p.obs, family="diag_gaussian")
+        return cg_solve(op, g, damping=DAMPING, rtol=0.0, atol=0.0, maxiter=15, check_finite=False)
+
+    eager = setup_and_solve().x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            setup_and_solve()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = setup_and_solve()
+    bench("fisher_cg15_graphed", graph.replay)
+    assert torch.allclose(out.x, eager, rtol=1e-4, atol=1e-6 * float(eager.abs().max()))
 
 
 def test_scipy_cg(bench, problem, device):

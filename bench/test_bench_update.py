@@ -7,7 +7,9 @@ iterations, damping 0.1, δ = 0.01, 10 critic epochs of minibatch 128, Adam 1e-3
 * ``fit_critic``: 10 epochs of minibatch 128;
 * ``update``: both (the update phase of one TRPO iteration; GAE is not included);
 * ``sb3_train``: SB3's ``train()`` on its rollout buffer filled with a batch of the same size;
-  its policy-step / critic-loop split is recorded as ``sb3_policy`` / ``sb3_critic``.
+  its policy-step / critic-loop split is recorded as ``sb3_policy`` / ``sb3_critic``;
+* ``*_graphed`` (CUDA only): the same with ``cuda_graph=True`` (recorded once, outside the
+  timing, then replayed).
 
 Every round starts from the same parameters and optimiser state (reset outside the timing).
 """
@@ -31,19 +33,25 @@ def problem(case, device):
     return make_trpo_problem(case, device)
 
 
-def _policy_step(p):
-    return policy_step(p.actor, p.batch, **STEP)
+def _policy_step(p, graphed=False):
+    return policy_step(p.actor, p.batch, cuda_graph=graphed, **STEP)
 
 
-def _fit(p):
+def _fit(p, graphed=False):
     return fit_critic(
         p.critic,
         p.optimizer,
         p.batch.obs,
         p.returns,
         generator=torch.Generator().manual_seed(0),
+        cuda_graph=graphed,
         **CRITIC,
     )
+
+
+def _cuda_only(device):
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
 
 
 def test_grad(bench, problem):
@@ -77,3 +85,20 @@ def test_sb3_train(bench, case, device):
     splits = timer["splits"][1:]  # without the warm-up call
     bench.record("sb3_policy", median([s[0] for s in splits]))
     bench.record("sb3_critic", median([s[1] for s in splits]))
+
+
+def test_policy_step_graphed(bench, problem, device):
+    _cuda_only(device)
+    result = bench("policy_step_graphed", lambda: _policy_step(problem, True), setup=problem.reset)
+    assert result.applied and result.cg_iterations == STEP["cg_iters"]
+
+
+def test_fit_critic_graphed(bench, problem, device):
+    _cuda_only(device)
+    bench("fit_critic_graphed", lambda: _fit(problem, True), setup=problem.reset)
+
+
+def test_update_graphed(bench, problem, device):
+    _cuda_only(device)
+    p = problem
+    bench("update_graphed", lambda: (_policy_step(p, True), _fit(p, True)), setup=p.reset)
