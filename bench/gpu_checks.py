@@ -116,6 +116,9 @@ def _policy_no_sync() -> str:
         state = _FlatMLP(p.critic, p.optimizer)
         n = p.batch.obs.shape[0]
         idx = torch.stack([torch.randperm(n) for _ in range(2)]).cuda()
+        # A first step checks the written-out actor forward once (a host read), as the
+        # eager warm-up before a CUDA-graph recording does.
+        policy_step_tensors(p.actor, p.batch, max_kl=0.01, cg_iters=15, cg_damping=0.1)
         with _NoSync():
             res = policy_step_tensors(p.actor, p.batch, max_kl=0.01, cg_iters=15, cg_damping=0.1)
             _minibatch_loop(state, p.batch.obs, p.returns, idx, 128)

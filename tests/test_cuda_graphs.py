@@ -165,6 +165,11 @@ def test_recorded_computations_never_read_the_device(monkeypatch):
         torch.manual_seed(0)
         actor = make_actor(OBS, SPACES[family], (8,)).to(DT)
         batch = _batch(actor, family, seed=0)
+        # The first step checks the written-out actor forward once (a host read), as the
+        # eager warm-up before a recording does.
+        with _NoHostSync(), pytest.raises(RuntimeError, match="host sync"):
+            policy_step_tensors(actor, batch, **STEP)
+        policy_step_tensors(actor, batch, **STEP)
         with _NoHostSync():
             out = policy_step_tensors(actor, batch, **STEP)
         assert out.stats.shape == (12,) and bool(out.stats[0])  # accepted

@@ -515,3 +515,49 @@ def test_fisher_vjp_is_the_gradient_of_a_loss_of_the_outputs(case, linearization
     assert float(ref.abs().max()) > 1e-3
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
     assert hessian_operator(lambda p: sum((v**2).sum() for v in p.values()), params).vjp is None
+
+
+def test_custom_linearization_uses_the_functions_own_products():
+    # A one-hidden-layer tanh MLP with hand-written J / Jᵀ: the "custom"
+    # operator must equal the torch.func one, and call the supplied products.
+    net = mlp(3)
+    params, x = net_params(net), inputs()
+    calls = {"jvp": 0, "vjp": 0}
+
+    class HandWritten:
+        def __call__(self, p, x):
+            return functional_call(net, p, (x,))
+
+        def linearize(self, p, x):
+            h_pre = x @ p["0.weight"].T + p["0.bias"]
+            h = torch.tanh(h_pre)
+            d = 1 - h * h
+            z = h @ p["2.weight"].T + p["2.bias"]
+
+            def jvp_fn(v):
+                calls["jvp"] += 1
+                t = d * (x @ v["0.weight"].T + v["0.bias"])
+                return t @ p["2.weight"].T + h @ v["2.weight"].T + v["2.bias"]
+
+            def vjp_fn(u):
+                calls["vjp"] += 1
+                g = d * (u @ p["2.weight"])
+                return {
+                    "0.weight": g.T @ x,
+                    "0.bias": g.sum(0),
+                    "2.weight": u.T @ h,
+                    "2.bias": u.sum(0),
+                }
+
+            return z, jvp_fn, vjp_fn
+
+    model = HandWritten()
+    ours = ggn_operator(model, params, x, linearization="custom")
+    ref = ggn_operator(model, params, x)
+    torch.testing.assert_close(ours.to_dense(), ref.to_dense(), rtol=1e-12, atol=1e-14)
+    assert calls["jvp"] > 0 and calls["vjp"] > 0
+    fisher = fisher_operator(model, params, x, family="categorical", linearization="custom")
+    fisher_ref = fisher_operator(model, params, x, family="categorical")
+    torch.testing.assert_close(fisher.to_dense(), fisher_ref.to_dense(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="linearize"):
+        ggn_operator(lambda p, x: functional_call(net, p, (x,)), params, x, linearization="custom")

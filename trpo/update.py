@@ -35,6 +35,7 @@ from natgrad.curvature import fisher_operator
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.trust_region import NaturalStep, line_search, natural_step
 from trpo.fast_critic import _FlatMLP, fit_mlp_critic, supports_fast_fit
+from trpo.fast_fisher import mlp_dist_fn
 from trpo.policy import Actor, Critic, entropy, kl_divergence, log_prob
 
 __all__ = [
@@ -268,7 +269,13 @@ def policy_step_tensors(
         n_fvp = max(1, int(round(fvp_fraction * n_states)))
         idx = torch.randperm(n_states, generator=generator, device="cpu")[:n_fvp]
         fvp_obs = batch.obs[idx.to(batch.obs.device)]
-    fisher = fisher_operator(actor.functional_dist_params, params, fvp_obs, family=family)
+    # The tanh-MLP actor's Jacobian products written out (trpo.fast_fisher: the same
+    # products without the autograd engine), else torch.func's.
+    fast_dist = mlp_dist_fn(actor, params, fvp_obs)
+    if fast_dist is not None:
+        fisher = fisher_operator(fast_dist, params, fvp_obs, family=family, linearization="custom")
+    else:
+        fisher = fisher_operator(actor.functional_dist_params, params, fvp_obs, family=family)
     # (Any operator works below; the reuse needs the Fisher's cached outputs and Jᵀ.)
     full_batch = (
         fvp_obs is batch.obs
