@@ -172,6 +172,9 @@ class CGResult:
         maxiter: The iteration limit used.
         status_code: Internal per-column status codes; read :attr:`statuses` or use
             :meth:`status_mask` instead.
+        residual: The recursively updated residual ``r = b − (A + λI)x`` of the returned
+            ``x`` (shape of ``b``); e.g. ``xᵀ(A + λI)x = xᵀ(b − r)`` without another
+            operator application.
     """
 
     x: Tensor
@@ -184,6 +187,7 @@ class CGResult:
     matvecs: int
     maxiter: int
     status_code: Tensor
+    residual: Tensor | None = None
 
     @property
     def statuses(self) -> tuple[CGStatus, ...]:
@@ -566,4 +570,5 @@ def cg_solve(
         matvecs=matvecs,
         maxiter=maxiter,
         status_code=code,
+        residual=r,
     )

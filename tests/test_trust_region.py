@@ -417,3 +417,26 @@ def test_batched_wrong_output_shape_raises() -> None:
 def test_module_docstring_examples() -> None:
     result = doctest.testmod(natgrad.trust_region)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("maxiter", [3, 6])
+def test_natural_step_applies_the_operator_only_inside_cg(maxiter):
+    # sᵀ(H + λI)s comes from CG's residual: exactly maxiter products (none more), and it
+    # equals the explicit quadratic form (truncated CG: s is not the exact solution).
+    H = _spd(6, 0.5, 20.0, 31)
+    g = torch.randn(6, dtype=F64, generator=_gen(32))
+    calls = []
+
+    def op(v: Tensor) -> Tensor:
+        calls.append(1)
+        return H @ v
+
+    st = natural_step(g, op, 0.02, damping=0.1, rtol=0.0, atol=0.0, maxiter=maxiter)
+    assert len(calls) == maxiter
+    s = st.cg.x
+    explicit = s @ (H + 0.1 * torch.eye(6, dtype=F64)) @ s
+    assert float(st.shs) == pytest.approx(float(explicit), rel=1e-12)
+    step = st.step
+    assert float(0.5 * step @ (H + 0.1 * torch.eye(6, dtype=F64)) @ step) == pytest.approx(
+        0.02, rel=1e-12
+    )
