@@ -146,6 +146,13 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         a = torch.full((3, 3), float(rank + 1), dtype=DTYPE) + torch.eye(3, dtype=DTYPE)
         w = nd.sample_weight(3 if rank == 0 else 1)
         out["operator"] = nd.all_reduce_operator(LinearOperator.from_matrix(a), weight=w).to_dense()
+        out["function"] = nd.all_reduce_function(lambda x: x * (rank + 1), weight=w)(
+            torch.tensor(2.0, dtype=DTYPE)
+        )
+        p = torch.zeros(2, dtype=DTYPE, requires_grad=True)
+        (p * torch.tensor([1.0, 3.0 * rank], dtype=DTYPE)).sum().backward()
+        nd.average_gradients([p])  # the plain average: weights 1/2
+        out["grad"] = p.grad
         # Broadcast: every rank ends with rank 0's parameters.
         torch.manual_seed(10 + rank)
         net = make_critic(gym.spaces.Box(-1, 1, (3,)), (4,)).to(DTYPE)
@@ -301,6 +308,8 @@ def test_gather_operator_broadcast_and_divergence(ranks):
     for rank in ranks:
         assert torch.equal(rank["gather"], expected_rows)
         torch.testing.assert_close(rank["operator"], 0.75 * a0 + 0.25 * a1, rtol=1e-15, atol=0)
+        assert float(rank["function"]) == 0.75 * 2 + 0.25 * 4
+        assert rank["grad"].tolist() == [1.0, 1.5]
         assert "rank(s) [1]" in rank["divergence"]  # every rank raised, naming rank 1
     torch.manual_seed(10)
     net0 = make_critic(gym.spaces.Box(-1, 1, (3,)), (4,)).to(DTYPE)
