@@ -116,6 +116,9 @@ def train(config: TRPOConfig) -> TrainResult:
     With ``config.resume`` set to a run directory, continues that run from its newest valid
     checkpoint (step counter, networks, optimiser, normalisers, RNG states).
 
+    Started by ``torchrun`` (``WORLD_SIZE > 1``), every process trains data parallel on its own
+    envs and rank 0 writes the run (``trpo.distributed``, docs/distributed.md).
+
     Raises:
         ValueError: Invalid config, unknown env id, or a batch that would not fit in memory
             (all before any env is created).
