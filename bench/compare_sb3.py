@@ -13,7 +13,9 @@ rounds and seeds):
   the rollout buffer; for ours the ``policy_step`` / ``fit_critic`` timers of ``trpo.train``;
 * the ratios SB3 / ours (> 1: ours is faster) and the final returns: the mean of the last 20
   training episodes and of a deterministic evaluation of the final policy (same episodes and
-  seeds for both).
+  seeds for both);
+* with ``--sim``, a ``sim`` row: the same envs stepped with random actions and nothing else,
+  the ceiling of any learner's steps/s.
 
 Modes (hyperparameters in this project's field names; ``sb3_kwargs`` maps them):
 
@@ -296,6 +298,40 @@ def _mean(xs: list[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
+def run_sim(env_id: str, s: dict[str, Any], seed: int, steps: int, eval_episodes: int) -> dict:
+    """The simulator alone: the same envs stepped with uniformly random actions (the ceiling
+    of any learner's env-steps/s); an episode end resets at once."""
+    import gymnasium as gym
+    import torch
+
+    envs = [gym.make(env_id) for _ in range(s["n_envs"])]
+    for i, env in enumerate(envs):
+        env.reset(seed=seed + i)
+        env.action_space.seed(seed + i)
+    t0 = time.perf_counter()
+    done_steps = 0
+    while done_steps < steps:
+        for env in envs:
+            _, _, te, tr, _ = env.step(env.action_space.sample())
+            if te or tr:
+                env.reset()
+        done_steps += len(envs)
+    wall = time.perf_counter() - t0
+    for env in envs:
+        env.close()
+    nan = float("nan")
+    return dict(
+        steps=done_steps,
+        wall_s=wall,
+        rollout_s=wall,
+        policy_s=0.0,
+        critic_s=0.0,
+        train_return=nan,
+        eval_return=nan,
+        torch_threads=torch.get_num_threads(),
+    )
+
+
 def worker(args: argparse.Namespace) -> None:
     """Run one side once and print its result as one JSON line."""
     import torch
@@ -306,7 +342,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     s = json.loads(args.settings)
     s["hidden_sizes"] = tuple(s["hidden_sizes"])
-    fn = run_sb3 if args.worker == "sb3" else run_ours
+    fn = {"sb3": run_sb3, "ours": run_ours, "sim": run_sim}[args.worker]
     out = fn(args.env, s, args.seed, args.steps, args.eval_episodes)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -377,7 +413,8 @@ def summarize(trials: list[Trial]) -> str:
     lines.append("-" * len(head))
     for (env, mode), ts in groups.items():
         med: dict[str, dict[str, float]] = {}
-        for side in SIDES:
+        sides = [*SIDES, "sim"] if any(t.side == "sim" for t in ts) else list(SIDES)
+        for side in sides:
             r = {
                 k: _med(ts, side, k)
                 for k in (
@@ -433,7 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per training run")
     p.add_argument("--json", type=str, default=None, help="also write every trial here")
-    p.add_argument("--worker", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=(*SIDES, "sim"), default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sim",
+        action="store_true",
+        help="also time the simulator alone (random actions, same envs and steps)",
+    )
     p.add_argument("--env", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
@@ -459,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 for r in range(args.rounds):
                     order = SIDES if r % 2 == 0 else SIDES[::-1]
+                    if args.sim and r == 0:
+                        order = (*order, "sim")
                     for side in order:
                         res = _run_trial(side, env, settings, seed, args)
                         trials.append(Trial(env, mode, seed, r, side, res))

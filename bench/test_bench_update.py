@@ -3,6 +3,8 @@
 iterations, damping 0.1, δ = 0.01, 10 critic epochs of minibatch 128, Adam 1e-3).
 
 * ``grad``: one surrogate gradient of the actor (the unit of the summary's ``x grad``);
+* ``fvp_actor``: one product of the Fisher operator ``policy_step`` builds (written-out
+  tanh-MLP products, ``trpo.fast_fisher``);
 * ``policy_step``: gradient, Fisher set-up, 15 CG iterations, step, line search, applied;
 * ``fit_critic``: 10 epochs of minibatch 128;
 * ``update``: both (the update phase of one TRPO iteration; GAE is not included);
@@ -20,7 +22,9 @@ import pytest
 import torch
 from bench_problems import make_sb3_trpo, make_trpo_problem, median
 
+from natgrad.curvature import fisher_operator
 from natgrad.params import flat_grad
+from trpo.fast_fisher import mlp_dist_fn
 from trpo.policy import log_prob
 from trpo.update import fit_critic, policy_step, surrogate
 
@@ -61,6 +65,22 @@ def test_grad(bench, problem):
         mean, log_std = p.actor(p.batch.obs)
         logp_old = log_prob("diag_gaussian", (mean, log_std), p.batch.actions)
     bench("grad", lambda: flat_grad(lambda q: surrogate(p.actor, q, p.batch, logp_old), params))
+
+
+def test_fvp_actor(bench, problem):
+    # The Fisher operator policy_step builds for this actor (trpo.fast_fisher's written-out
+    # products when the actor is the plain tanh MLP), one product.
+    p = problem
+    params = {k: v.detach() for k, v in p.actor.named_parameters()}
+    fast = mlp_dist_fn(p.actor, params, p.batch.obs)
+    assert fast is not None
+    op = fisher_operator(fast, params, p.batch.obs, family="diag_gaussian", linearization="custom")
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1)).to(p.device)
+    out = bench("fvp_actor", lambda: op @ v)
+    ref = fisher_operator(
+        p.actor.functional_dist_params, params, p.batch.obs, family="diag_gaussian"
+    )
+    assert torch.allclose(out, ref @ v, rtol=1e-3, atol=1e-4 * float(out.abs().max()))
 
 
 def test_policy_step(bench, problem):
