@@ -5,10 +5,12 @@
 * :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators via ``torch.func``.
 * :mod:`natgrad.cg`: :func:`cg_solve` -> :class:`CGResult`.
 * :mod:`natgrad.trust_region`: :func:`natural_step`, :func:`line_search`.
+* :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
 
 natgrad knows nothing of reinforcement learning: any model and any loss can use it.
 """
 
+from natgrad import distributed
 from natgrad.cg import CGError, CGIterate, CGResult, CGStatus, cg_solve
 from natgrad.curvature import (
     FAMILIES,
@@ -43,6 +45,7 @@ __all__ = [
     "ParamSpace",
     "StepStatus",
     "cg_solve",
+    "distributed",
     "fisher_operator",
     "flat_grad",
     "ggn_operator",

@@ -7,9 +7,11 @@ and ``--resume RUN_DIR`` continues a run.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
+from trpo.checkpoint import CheckpointError
 from trpo.config import MemoryBudgetError, check_env_id, parse_cli
 from trpo.logger import TENSORBOARD_DIRNAME
 from trpo.train import TrainingError, train
@@ -22,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0 on success, 1 when training stopped (:class:`trpo.train.TrainingError`), 2 for an
-        unknown env id or a batch that cannot fit in memory (a message, not a traceback).
+        unknown env id, a batch that cannot fit in memory or no valid checkpoint to resume (a message, not a traceback).
         Invalid flags or values exit with code 2 from the parser, naming the field.
     """
     config = parse_cli(argv, prog="python -m trpo.run")
@@ -34,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = train(config)
-    except MemoryBudgetError as e:
+    except (MemoryBudgetError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
@@ -45,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         artifacts.append("learning_curve.png")
     if (result.run_dir / TENSORBOARD_DIRNAME).is_dir():
         artifacts.append(f"{TENSORBOARD_DIRNAME}/")
-    print(f"artifacts in {result.run_dir}: {', '.join(artifacts)}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone wrote them
+        print(f"artifacts in {result.run_dir}: {', '.join(artifacts)}")
     return 0
 
 
