@@ -88,7 +88,9 @@ def _step_no_sync() -> str:
     _, g = flat_grad(p.surrogate, p.params)
     with _NoSync():
         op = fisher_operator(p.dist, p.params, p.obs, family="diag_gaussian")
-        st = natural_step(g, op, 0.01, damping=0.1, rtol=0.0, atol=0.0, maxiter=15)
+        st = natural_step(
+            g, op, 0.01, damping=0.1, rtol=0.0, atol=0.0, maxiter=15, check_finite=False
+        )
         vf = torch.func.vmap(lambda th: p.surrogate(space.unravel(th)))
         vc = torch.func.vmap(lambda th: p.mean_kl(space.unravel(th), p.obs))
         res = line_search(
