@@ -29,20 +29,24 @@ Caching (the linearisation is computed once, in the constructor): the outputs
 ``z`` and the reverse-mode ``vjp_fn`` (``u -> Jᵀu``) are stored, and ``J v`` is
 obtained as the transpose of that stored linear map (the ``vjp`` of ``vjp_fn``,
 which is linear in ``u``), so a matvec never re-runs the forward pass. Measured
-on a 17-64-64-6 tanh Gaussian policy at B = 25,000 (2 CPU threads), per matvec
-and set-up in units of one surrogate gradient:
+with ``bench/fvp_timing.py`` (17-64-64-6 tanh Gaussian policy, B = 25,000,
+float32, 2 CPU threads, quiet machine), median per matvec and per set-up in
+units of one surrogate gradient (≈ 24 ms):
 
-=============================  ==============  ========
-``linearization``               matvec          set-up
-=============================  ==============  ========
-``"transpose"`` (default)       ≈ 0.75          ≈ 0.7-1
-``"linearize"``                 ≈ 0.8           ≈ 6-16 (``make_fx`` tracing, ~0.1 s)
-``"jvp"`` (re-runs forward)     ≈ 1.5           ≈ 0.3-0.4
-=============================  ==============  ========
+=================================  ==========  ===========================
+method                             matvec      set-up
+=================================  ==========  ===========================
+``"transpose"`` (default)          ≈ 0.85      ≈ 0.9
+``"linearize"``                    ≈ 0.9-1.0   ≈ 8 (``make_fx`` tracing)
+``"jvp"`` (re-runs the forward)    ≈ 1.5       ≈ 0.5
+kl_hessian_operator (double bp)    ≈ 1.4       ≈ 1.0
+=================================  ==========  ===========================
 
 ``"transpose"`` and ``"linearize"`` run the same kernels per matvec (10 ``mm``,
-4 ``tanh_backward`` on that network), but ``torch.func.linearize`` pays ~0.1 s
-of Python tracing per set-up, i.e. more than a whole CG solve saves. Functions
+4 ``tanh_backward`` on that network), but ``torch.func.linearize`` pays ~0.2 s
+of Python tracing per set-up, i.e. more than a whole CG solve saves. (A
+hand-fused MLP FVP with in-place ops reaches ≈ 0.6×: the remaining gap is the
+out-of-place adds and allocations of the generic autograd kernels.) Functions
 using an op without a double-backward formula need ``"linearize"`` or ``"jvp"``.
 
 ``linearization="custom"``: the model function supplies its own products, as a
