@@ -13,7 +13,9 @@ at the end.
 Selection (deselected, not skipped): on CPU, by default, only ``hopper@2k`` and
 ``cheetah@25k`` (a few minutes on 2 cores); ``--bench-big`` (or ``BENCH_BIG=1``) adds every
 size × batch. On CUDA every case runs, plus ``huge@200k`` for the tests that allow it.
-``--bench-threads N`` (or ``BENCH_THREADS``, default 1) pins ``torch.set_num_threads``.
+``--bench-threads N`` (or ``BENCH_THREADS``, default 1) pins ``torch.set_num_threads``;
+``BENCH_TARGET_S`` (default 1.0) is the time each benchmark spends in timed rounds (at least
+3 rounds, at most 30, after one warm-up call).
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ class Bench:
         fn: Callable[[], Any],
         *,
         setup: Callable[[], None] | None = None,
-        target_seconds: float = 1.0,
+        target_seconds: float | None = None,
         max_rounds: int = 30,
     ) -> Any:
         run = synced(fn, torch.device(self.device))
@@ -124,6 +126,8 @@ class Bench:
         t0 = time.perf_counter()
         run()  # warm-up (also sizes the number of rounds)
         once = max(time.perf_counter() - t0, 1e-6)
+        if target_seconds is None:
+            target_seconds = float(os.environ.get("BENCH_TARGET_S", "1.0"))
         rounds = max(3, min(max_rounds, int(target_seconds / once)))
         self.benchmark.extra_info["op"] = op
         result = self.benchmark.pedantic(
