@@ -306,8 +306,11 @@ def _env_stepper(
 
         def step_sync(t: int, actions: np.ndarray) -> None:
             next_obs, rew, term, trunc = obs_buf[t + 1], rew_buf[t], term_buf[t], trunc_buf[t]
+            # Discrete actions as Python ints: Discrete.contains (asserted by e.g. CartPole's
+            # step) runs numpy dtype checks on a numpy integer that cost as much as the physics.
+            per_env = actions.tolist() if actions.ndim == 1 else actions
             for i, env in enumerate(sub_envs):
-                obs, r, te, tr, _ = env.step(actions[i])
+                obs, r, te, tr, _ = env.step(per_env[i])
                 if te or tr:
                     finals.append((t, i, np.array(obs)))
                     obs, _ = env.reset()
