@@ -675,6 +675,7 @@ BAD_VALUES = {
     "tensorboard": 0,
     "plot": None,
     "progress": "x",
+    "cuda_graph": "yes",
     "device": "gpu",
     "dtype": "float16",
     "torch_threads": -1,

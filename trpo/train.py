@@ -182,6 +182,7 @@ def _train(
         with torch.no_grad():
             actor.log_std.fill_(config.log_std_init)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
+    use_cuda_graph = config.cuda_graph and torch.device(device).type == "cuda"
     generator = torch.Generator(device=device).manual_seed(config.seed)
     cpu_generator = torch.Generator().manual_seed(config.seed + 1)
     obs_rms = (
@@ -341,6 +342,7 @@ def _train(
                 line_search_accept_ratio=config.line_search_accept_ratio,
                 generator=cpu_generator,
                 distributed=dp.enabled,
+                cuda_graph=use_cuda_graph,
             )
             t2 = time.perf_counter()
 
@@ -357,6 +359,7 @@ def _train(
                     minibatch_size=config.critic_minibatch_size,
                     generator=cpu_generator,
                     distributed=dp.enabled,
+                    cuda_graph=use_cuda_graph,
                 )
             update_ok = policy_ok and math.isfinite(fit.value_loss) and _is_finite_module(critic)
             t3 = time.perf_counter()
