@@ -332,3 +332,20 @@ def test_invalid_config_value_is_an_error_naming_the_field(tmp_path, flag, value
     assert code == 2
     assert field in err
     assert not any(tmp_path.iterdir())
+
+
+def test_library_resume_keeps_the_saved_hyperparameters(tmp_path):
+    """train(TRPOConfig(resume=d, total_steps=...)) continues d with d's own config."""
+    first = config_for(
+        "CartPole-v1", total_steps=1024, n_envs=2, n_steps=256, critic_epochs=2, max_kl=0.02,
+        seed=5, runs_root=str(tmp_path), run_name="lib", eval_episodes=0, progress=False,
+        plot=False, tensorboard=False, checkpoint_every=1,
+    )
+    train(first)
+    run_dir = tmp_path / "lib"
+    resumed = train(TRPOConfig(resume=str(run_dir), total_steps=2048))
+    assert resumed.global_step == 2048
+    assert resumed.config.max_kl == 0.02 and resumed.config.n_steps == 256
+    assert resumed.config.critic_epochs == 2 and resumed.config.seed == 5
+    with pytest.raises(ValueError, match="env_id"):
+        train(TRPOConfig(resume=str(run_dir), env_id="Pendulum-v1", total_steps=4096))

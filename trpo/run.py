@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        result = train(config)
+        result = train(config, merge_saved=False)  # parse_cli merged config.json already
     except (MemoryBudgetError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

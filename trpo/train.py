@@ -110,11 +110,36 @@ def _print(message: str, bar: ProgressBar | None) -> None:
         print(message, flush=True)
 
 
-def train(config: TRPOConfig) -> TrainResult:
+def _resume_config(config: TRPOConfig, *, merge_saved: bool) -> TRPOConfig:
+    """The config of a resumed run: its saved config.json, overridden by the fields of
+    ``config`` that differ from the TRPOConfig defaults (``merge_saved``), else ``config``."""
+    base = load_config(config.resume)
+    if merge_saved:
+        defaults = TRPOConfig()
+        overrides = {
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in ("resume", "run_name")
+            and getattr(config, f.name) != getattr(defaults, f.name)
+        }
+        config = dataclasses.replace(base, **overrides, resume=config.resume)
+    if config.env_id != base.env_id:
+        raise ValueError(
+            f"env_id is {config.env_id!r} but the run in {config.resume} trains {base.env_id!r}; "
+            f"a resumed run keeps its env"
+        )
+    return dataclasses.replace(config, run_name=Path(config.resume).name)
+
+
+def train(config: TRPOConfig, *, merge_saved: bool = True) -> TrainResult:
     """Train a TRPO agent as configured; returns the policy, the metrics and the run directory.
 
     With ``config.resume`` set to a run directory, continues that run from its newest valid
-    checkpoint (step counter, networks, optimiser, normalisers, RNG states).
+    checkpoint (step counter, networks, optimiser, normalisers, RNG states). Its saved
+    ``config.json`` is the base and the fields of ``config`` that differ from the
+    :class:`TRPOConfig` defaults override it, so ``train(TRPOConfig(resume=d,
+    total_steps=2_000_000))`` continues ``d`` with its own hyperparameters and a larger budget
+    (``merge_saved=False``: use ``config`` exactly as given, as the CLI does after merging).
 
     Started by ``torchrun`` (``WORLD_SIZE > 1``), every process trains data parallel on its own
     envs and rank 0 writes the run (``trpo.distributed``, docs/distributed.md).
@@ -127,10 +152,7 @@ def train(config: TRPOConfig) -> TrainResult:
             completed update is kept).
     """
     if config.resume is not None:
-        base = load_config(config.resume)
-        if base.env_id != config.env_id:
-            config = dataclasses.replace(base, resume=config.resume)
-        config = dataclasses.replace(config, run_name=Path(config.resume).name)
+        config = _resume_config(config, merge_saved=merge_saved)
     config = config.resolved()
     check_env_id(config.env_id)
     # The exact memory estimate needs the spaces, known only once an env exists; with the
