@@ -259,8 +259,9 @@ def policy_step_tensors(
     theta_old = space.ravel(params)
     family = actor.family
 
-    # (3, first) The Fisher H on the same states (optionally a random fraction of them).
-    # Building it linearises the actor at θ_old (one forward, one backward). On the full
+    # (3) The Fisher H on the same states (optionally a random fraction of them), built
+    # before (1, 2) on purpose: building it linearises the actor at θ_old (one forward, one
+    # backward). On the full
     # batch that linearisation also gives π_old (its outputs) and g (its Jᵀ, below), so the
     # actor's forward runs once here instead of three times.
     fvp_obs = batch.obs
@@ -294,7 +295,7 @@ def policy_step_tensors(
         log_prob_old = log_prob(family, dist_old, batch.actions)
         policy_entropy = entropy(family, dist_old).mean()
 
-    # (1, 2) Surrogate L(θ_old) and its gradient g.
+    # (1, 2) The surrogate L(θ_old) and its gradient g.
     if full_batch:
         # g = ∇_θ L = Jᵀ ∇_z L with z = π_θ's distribution parameters: ∇_z L is a cheap
         # elementwise gradient, Jᵀ is the Fisher's cached reverse pass.
