@@ -148,14 +148,12 @@ def _evaluate(act, env_id: str, episodes: int, seed: int) -> list[float]:
     return returns
 
 
-def run_sb3(env_id: str, s: dict[str, Any], seed: int, steps: int, eval_episodes: int) -> dict:
-    """Train sb3-contrib's TRPO; timings and returns as a dict."""
-    import torch
-    from sb3_contrib import TRPO
+def make_sb3_env(env_id: str, s: dict, seed: int, vec_cls=None):
+    """SB3's vector env for settings ``s`` (Monitor-wrapped), with ``VecNormalize`` when ours
+    normalises; returns ``(env, vecnorm or None)``."""
     from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
+    from stable_baselines3.common.vec_env import VecNormalize
 
-    vec_cls = SubprocVecEnv if s["vec"] == "async" else DummyVecEnv
     env = make_vec_env(env_id, n_envs=s["n_envs"], seed=seed, vec_env_cls=vec_cls)
     vecnorm = None
     if s["normalize_obs"] or s["normalize_reward"]:
@@ -167,6 +165,17 @@ def run_sb3(env_id: str, s: dict[str, Any], seed: int, steps: int, eval_episodes
             clip_reward=s["reward_clip"],
             gamma=s["gamma"],
         )
+    return env, vecnorm
+
+
+def run_sb3(env_id: str, s: dict[str, Any], seed: int, steps: int, eval_episodes: int) -> dict:
+    """Train sb3-contrib's TRPO; timings and returns as a dict."""
+    import torch
+    from sb3_contrib import TRPO
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    vec_cls = SubprocVecEnv if s["vec"] == "async" else DummyVecEnv
+    env, vecnorm = make_sb3_env(env_id, s, seed, vec_cls)
     model = TRPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **sb3_kwargs(s))
     timer = {"rollout": 0.0, "policy": 0.0, "critic": 0.0, "critic_start": None}
     collect, train, get = model.collect_rollouts, model.train, model.rollout_buffer.get

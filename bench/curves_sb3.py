@@ -155,24 +155,12 @@ def plot_curves(
 def run_sb3_worker(env_id: str, seed: int, steps: int, eval_episodes: int, out: Path) -> dict:
     """Train sb3-contrib's TRPO with the env's preset; write every episode to ``out`` (CSV)."""
     import torch
-    from compare_sb3 import _evaluate, sb3_kwargs, settings_for
+    from compare_sb3 import _evaluate, make_sb3_env, sb3_kwargs, settings_for
     from sb3_contrib import TRPO
     from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.env_util import make_vec_env  # wraps each env in Monitor
-    from stable_baselines3.common.vec_env import VecNormalize
 
     s = settings_for(env_id, "preset", "sync")
-    env = make_vec_env(env_id, n_envs=s["n_envs"], seed=seed)
-    vecnorm = None
-    if s["normalize_obs"] or s["normalize_reward"]:
-        env = vecnorm = VecNormalize(
-            env,
-            norm_obs=s["normalize_obs"],
-            norm_reward=s["normalize_reward"],
-            clip_obs=s["obs_clip"],
-            clip_reward=s["reward_clip"],
-            gamma=s["gamma"],
-        )
+    env, vecnorm = make_sb3_env(env_id, s, seed)  # Monitor-wrapped by make_vec_env
     episodes: list[tuple[int, float]] = []
 
     class Record(BaseCallback):
