@@ -2,7 +2,8 @@
 
 * :mod:`natgrad.params`: :class:`ParamSpace` (parameter dict <-> flat vector), :func:`flat_grad`.
 * :mod:`natgrad.linop`: :class:`LinearOperator` on flat vectors (damping, dense, scipy).
-* :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators via ``torch.func``.
+* :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators (one batch or a
+  dataset), :func:`value_grad_hessian`; one module each (hessian, ggn, fisher).
 * :mod:`natgrad.cg`: :func:`cg_solve` -> :class:`CGResult`.
 * :mod:`natgrad.trust_region`: :func:`natural_step`, :func:`line_search`.
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
@@ -14,11 +15,13 @@ from natgrad import distributed
 from natgrad.cg import CGError, CGIterate, CGResult, CGStatus, cg_solve
 from natgrad.curvature import (
     FAMILIES,
+    HESSIAN_METHODS,
     CurvatureOperator,
     fisher_operator,
     ggn_operator,
     hessian_operator,
     kl_hessian_operator,
+    value_grad_hessian,
 )
 from natgrad.linop import LinearOperator
 from natgrad.params import ParamSpace, flat_grad
@@ -34,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FAMILIES",
+    "HESSIAN_METHODS",
     "CGError",
     "CGIterate",
     "CGResult",
@@ -53,4 +57,5 @@ __all__ = [
     "kl_hessian_operator",
     "line_search",
     "natural_step",
+    "value_grad_hessian",
 ]
