@@ -51,8 +51,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, linearize, vjp
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from natgrad.backprop import vjp
 from natgrad.curvature_operator import CurvatureOperator
 from natgrad.guards import no_dependence_error, tracked_outputs, translated_errors
 from natgrad.params import ParamSpace
@@ -119,35 +120,76 @@ def linearized(
             )
         outputs, jvp_fn, vjp_fn = custom(primals)
         return tree_map(torch.Tensor.detach, outputs), jvp_fn, vjp_fn
+    if linearization == "transpose":
+        return _transpose_linearization(fn, primals, what)
     depends: list[bool] = []
     fn = tracked_outputs(fn, what, depends)
     with translated_errors(what):
-        outputs, vjp_fn = vjp(fn, primals)
+        outputs, vjp_fn = torch.func.vjp(fn, primals)
     if not depends[-1]:
         raise no_dependence_error(what)
-    if linearization == "transpose":
-        # vjp_fn is linear in its cotangent u, so its own vjp (taken at any u,
-        # here u = 0) is the transpose of Jᵀ, i.e. J: one backward-of-backward
-        # per matvec, no forward re-run, no tracing.
-        zeros = tree_map(torch.zeros_like, outputs)
-        _, jt_fn = vjp(vjp_fn, zeros)
-
-        def jvp_fn(v: dict[str, Tensor]) -> Any:
-            return jt_fn((v,))[0]
-
-    elif linearization == "linearize":
+    if linearization == "linearize":
         with warnings.catch_warnings(), translated_errors(what):
             warnings.simplefilter("ignore", UserWarning)
-            _, jvp_fn = linearize(fn, primals)
+            _, jvp_fn = torch.func.linearize(fn, primals)
     else:
 
         def jvp_fn(v: dict[str, Tensor]) -> Any:
-            return jvp(fn, (primals,), (v,))[1]
+            return torch.func.jvp(fn, (primals,), (v,))[1]
 
     def vjp_only(u: Any) -> dict[str, Tensor]:
         return vjp_fn(u)[0]
 
     return tree_map(torch.Tensor.detach, outputs), jvp_fn, vjp_only
+
+
+def _transpose_linearization(
+    fn: TreeFn, primals: dict[str, Tensor], what: str
+) -> tuple[Any, TreeFn, TreeFn]:
+    """``"transpose"``: one forward with plain autograd; ``J`` as the transpose of ``Jᵀ``.
+
+    ``Jᵀu`` backpropagates ``u`` through the kept forward graph. ``u -> Jᵀu`` is
+    linear, so recording it once at a symbolic ``u₀`` (``create_graph``) and
+    backpropagating ``v`` through that record gives ``(Jᵀ)ᵀ v = J v``: one
+    backward-of-backward per product, no forward re-run, no tracing. Plain
+    autograd rather than torch.func: the first torch.func transform in a process
+    imports ``torch._dynamo`` (≈ 1.5 s), and the engine is called without
+    ``torch.autograd.grad``'s per-call checks (:mod:`natgrad.backprop`).
+    """
+    names = list(primals)
+    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
+    depends: list[bool] = []
+    with torch.enable_grad(), translated_errors(what):
+        outputs = tracked_outputs(fn, what, depends)(dict(zip(names, leaves)))
+        if not depends[-1]:
+            raise no_dependence_error(what)
+        flat_out, spec = tree_flatten(outputs)
+        # Outputs that do not depend on θ (a constant log σ) have J = 0: skipped.
+        live = [i for i, z in enumerate(flat_out) if z.requires_grad]
+        live_out = [flat_out[i] for i in live]
+        u0 = [torch.zeros_like(z, requires_grad=True) for z in live_out]
+        jt_u0 = vjp(live_out, leaves, u0, create_graph=True)
+    # Parameters whose Jᵀu₀ depends on u₀ (the others have J = 0 columns).
+    recorded = [(n, g) for n, g in zip(names, jt_u0) if g is not None and g.requires_grad]
+
+    def jvp_fn(v: dict[str, Tensor]) -> Any:
+        parts: Any = [None] * len(u0)
+        if recorded:
+            parts = vjp([g for _, g in recorded], u0, [v[n] for n, _ in recorded])
+        flat = [torch.zeros_like(z) for z in flat_out] if len(live) < len(flat_out) else flat_out[:]
+        for i, jv, z in zip(live, parts, live_out):
+            flat[i] = jv if jv is not None else torch.zeros_like(z)
+        return tree_unflatten(flat, spec)
+
+    def vjp_fn(u: Any) -> dict[str, Tensor]:
+        flat_u = tree_leaves(u)
+        parts = vjp(live_out, leaves, [flat_u[i] for i in live])
+        return {
+            n: (g if g is not None else torch.zeros_like(p))
+            for n, g, p in zip(names, parts, leaves)
+        }
+
+    return tree_map(torch.Tensor.detach, outputs), jvp_fn, vjp_fn
 
 
 def gauss_newton_operator(

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
+from natgrad.backprop import vjp
 from natgrad.batches import streamed_operator
 from natgrad.curvature_operator import CurvatureOperator, zero_operator
 from natgrad.guards import check_args, check_modules, no_dependence_error, translated_errors
@@ -89,12 +90,20 @@ def _double_backprop(
         # L is at most linear in θ: H = 0 (a legitimate answer, unlike a constant L).
         return value.detach(), g, zero_operator(space)
     numels = [p.numel() for p in leaves]
+    if len(leaves) == 1:
+        # One tensor (the common case of a function of a vector): g depends on the leaf
+        # (it requires grad), so the product is never None and needs no concatenation.
+        # vjp: the engine without torch.autograd.grad's per-call checks (natgrad.backprop).
+        leaf = leaves[0]
 
-    def matvec(v: Tensor) -> Tensor:
-        # retain_graph: the kept gradient graph serves every product (by design).
-        return _flat(
-            torch.autograd.grad(g, leaves, v, retain_graph=True, allow_unused=True), leaves
-        )
+        def matvec(v: Tensor) -> Tensor:
+            # vjp keeps the gradient graph: it serves every product (by design).
+            return vjp((g,), (leaf,), (v,))[0].reshape(-1)
+
+    else:
+
+        def matvec(v: Tensor) -> Tensor:
+            return _flat(vjp((g,), leaves, (v,)), leaves)
 
     def matmat(V: Tensor) -> Tensor:
         k = V.shape[1]
@@ -148,25 +157,27 @@ def _forward_over_reverse(
 def _auto(
     loss: Loss, space: ParamSpace, primals: dict[str, Tensor], what: str
 ) -> CurvatureOperator:
-    """Double backprop; forward-over-reverse if its first product fails (no double backward)."""
-    primary = _double_backprop(loss, space, primals, what)[2]
-    state: list[CurvatureOperator] = []  # [] until the first product decides
+    """Double backprop; forward-over-reverse if its first product fails (no double backward).
 
-    def matvec(v: Tensor) -> Tensor:
-        if state:
-            return state[0].matvec(v)
+    The first product decides, then installs the chosen method's own closures in
+    the returned operator, so later products pay no extra dispatch.
+    """
+    primary = _double_backprop(loss, space, primals, what)[2]
+
+    def first(v: Tensor) -> Tensor:
         try:
-            out = primary.matvec(v)
-            state.append(primary)
+            out, chosen = primary.matvec(v), primary
         except RuntimeError as e:
             try:
-                state.append(_forward_over_reverse(loss, space, primals, what))
+                chosen = _forward_over_reverse(loss, space, primals, what)
+                out = chosen.matvec(v)
             except RuntimeError:
                 raise e from None
-            out = state[0].matvec(v)
+        op._matvec, op._matmat = chosen._matvec, chosen._matmat
         return out
 
-    return CurvatureOperator(matvec, space, matmat=matvec)
+    op = CurvatureOperator(first, space, matmat=first)
+    return op
 
 
 _METHODS = {
