@@ -81,7 +81,8 @@ def streamed_operator(
     """``v -> Σ_b (n_b/N) build(batch_b) v``, one pass over ``data`` per product.
 
     The first batch's operator is built once here, so that every guard of
-    ``build`` fires at construction, then discarded.
+    ``build`` fires at construction, then discarded; later batches are checked
+    when a product reaches them.
 
     Args:
         space: The parameter space of every per-batch operator.

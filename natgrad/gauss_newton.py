@@ -55,7 +55,12 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from natgrad.backprop import vjp
 from natgrad.curvature_operator import CurvatureOperator
-from natgrad.guards import no_dependence_error, tracked_outputs, translated_errors
+from natgrad.guards import (
+    check_dependence,
+    no_dependence_error,
+    tracked_outputs,
+    translated_errors,
+)
 from natgrad.params import ParamSpace
 
 __all__ = [
@@ -122,12 +127,11 @@ def linearized(
         return tree_map(torch.Tensor.detach, outputs), jvp_fn, vjp_fn
     if linearization == "transpose":
         return _transpose_linearization(fn, primals, what)
-    depends: list[bool] = []
-    fn = tracked_outputs(fn, what, depends)
+    # torch.func sees a module's own nn.Parameters as dependent too: check on a
+    # plain autograd forward (one more forward and backward, for these opt-in methods).
+    _forward(fn, primals, what)
     with translated_errors(what):
         outputs, vjp_fn = torch.func.vjp(fn, primals)
-    if not depends[-1]:
-        raise no_dependence_error(what)
     if linearization == "linearize":
         with warnings.catch_warnings(), translated_errors(what):
             warnings.simplefilter("ignore", UserWarning)
@@ -141,6 +145,18 @@ def linearized(
         return vjp_fn(u)[0]
 
     return tree_map(torch.Tensor.detach, outputs), jvp_fn, vjp_only
+
+
+def _forward(
+    fn: TreeFn, primals: dict[str, Tensor], what: str, check: bool = True
+) -> tuple[Any, list[Tensor]]:
+    """``fn`` on fresh leaves requiring grad, with the checks of :mod:`natgrad.guards`."""
+    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
+    with torch.enable_grad(), translated_errors(what):
+        outputs = tracked_outputs(fn, what)(dict(zip(primals, leaves)))
+        if check:
+            check_dependence(tree_leaves(outputs), leaves, what)
+    return outputs, leaves
 
 
 def _transpose_linearization(
@@ -157,18 +173,16 @@ def _transpose_linearization(
     ``torch.autograd.grad``'s per-call checks (:mod:`natgrad.backprop`).
     """
     names = list(primals)
-    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
-    depends: list[bool] = []
-    with torch.enable_grad(), translated_errors(what):
-        outputs = tracked_outputs(fn, what, depends)(dict(zip(names, leaves)))
-        if not depends[-1]:
-            raise no_dependence_error(what)
-        flat_out, spec = tree_flatten(outputs)
-        # Outputs that do not depend on θ (a constant log σ) have J = 0: skipped.
-        live = [i for i, z in enumerate(flat_out) if z.requires_grad]
-        live_out = [flat_out[i] for i in live]
+    outputs, leaves = _forward(fn, primals, what, check=False)
+    flat_out, spec = tree_flatten(outputs)
+    # Outputs that do not depend on θ (a constant log σ) have J = 0: skipped.
+    live = [i for i, z in enumerate(flat_out) if z.requires_grad]
+    live_out = [flat_out[i] for i in live]
+    with torch.enable_grad():
         u0 = [torch.zeros_like(z, requires_grad=True) for z in live_out]
-        jt_u0 = vjp(live_out, leaves, u0, create_graph=True)
+        jt_u0 = vjp(live_out, leaves, u0, create_graph=True) if live else []
+    if all(g is None for g in jt_u0):
+        raise no_dependence_error(what)
     # Parameters whose Jᵀu₀ depends on u₀ (the others have J = 0 columns).
     recorded = [(n, g) for n, g in zip(names, jt_u0) if g is not None and g.requires_grad]
 
