@@ -46,7 +46,7 @@ inside the function (all at construction).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -54,20 +54,24 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from natgrad.backprop import vjp
+from natgrad.batches import one_batch_or_streamed
 from natgrad.curvature_operator import CurvatureOperator
 from natgrad.guards import (
+    check_args,
     check_dependence,
+    check_modules,
     no_dependence_error,
     tracked_outputs,
     translated_errors,
 )
-from natgrad.params import ParamSpace
+from natgrad.params import ParamSpace, detached_params
 
 __all__ = [
     "LINEARIZATIONS",
     "categorical_fisher",
     "check_linearization",
     "custom_linearize",
+    "gauss_newton_curvature",
     "gauss_newton_operator",
     "linearized",
     "tree_map",
@@ -219,6 +223,39 @@ def gauss_newton_operator(
         return ravel(jt_fn(u))
 
     return CurvatureOperator(matvec, space, outputs=outputs, vjp=vjp)
+
+
+def gauss_newton_curvature(
+    fn: Callable[..., Any],
+    params: Mapping[str, Tensor],
+    args: tuple,
+    data: Iterable[Any] | None,
+    linearization: str,
+    output_curvature: Callable[[Any], TreeFn],
+    what: str,
+    args_name: str = "args",
+) -> CurvatureOperator:
+    """``Jᵀ M J`` of ``z = fn(θ, *batch)`` on one batch or streamed over ``data``.
+
+    The shared body of :func:`~natgrad.ggn_operator` and :func:`~natgrad.fisher_operator`:
+    the checks of :mod:`natgrad.guards`, the linearisation, and ``M =
+    output_curvature(z)`` (a map ``t -> M t`` built from the detached outputs).
+    """
+    check_linearization(linearization)
+    space, primals = detached_params(params)
+    check_modules(fn, what)
+
+    def build(batch: tuple) -> CurvatureOperator:
+        check_args(batch, space.dtype, args_name)
+
+        def call(p: dict[str, Tensor]) -> Any:
+            return fn(p, *batch)
+
+        custom = custom_linearize(fn, batch)
+        outputs, j_fn, jt_fn = linearized(call, primals, linearization, custom, what)
+        return gauss_newton_operator(space, output_curvature(outputs), outputs, j_fn, jt_fn)
+
+    return one_batch_or_streamed(space, args, data, build)
 
 
 def categorical_fisher(logits: Tensor, B: int) -> Callable[[Tensor], Tensor]:

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.func import grad, jvp
 
 from natgrad.backprop import vjp
-from natgrad.batches import streamed_operator
+from natgrad.batches import one_batch_or_streamed
 from natgrad.curvature_operator import CurvatureOperator, zero_operator
 from natgrad.guards import (
     check_args,
@@ -330,12 +330,8 @@ def hessian_operator(
         raise ValueError(f"method must be one of {HESSIAN_METHODS}, got {method!r}")
     space, primals = detached_params(params)
     check_modules(loss_fn, "loss_fn")
-    if data is None:
-        return _batch_hessian(loss_fn, space, primals, args, method)
-    if args:
-        raise ValueError("pass one batch as *args or an iterable of batches as data=, not both")
-    return streamed_operator(
-        space, data, lambda batch: _batch_hessian(loss_fn, space, primals, batch, method)
+    return one_batch_or_streamed(
+        space, args, data, lambda batch: _batch_hessian(loss_fn, space, primals, batch, method)
     )
 
 
