@@ -33,7 +33,7 @@ from natgrad.linop import LinearOperator
 from trpo.checkpoint import list_checkpoints
 from trpo.distributed import SINGLE_PROCESS, DataParallel, SyncedRunningMeanStd
 from trpo.fast_critic import supports_fast_fit
-from trpo.gae import normalize_advantages
+from trpo.gae import LOCAL, normalize_advantages
 from trpo.logger import read_metrics
 from trpo.normalize import RunningMeanStd
 from trpo.policy import kl_divergence, make_actor, make_critic
@@ -133,7 +133,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             _, batch = _policy_batch("gaussian")
             adv = _shard(batch.advantages * 4 + 2, split, rank)
             values = _shard(batch.obs[:, 0], split, rank)
-            out[f"adv/{split_name}"] = dp.normalize_advantages(adv)
+            out[f"adv/{split_name}"] = normalize_advantages(adv, reducer=dp.reducer)
             out[f"ev/{split_name}"] = dp.explained_variance(values, adv)
         # A rank with an empty batch still takes part in the merge.
         rms = SyncedRunningMeanStd(RunningMeanStd((3,)))
@@ -351,6 +351,14 @@ def test_rank_seeds_differ_and_are_reproducible():
     g = torch.Generator().manual_seed(9)
     SINGLE_PROCESS.reseed(5, 3, g)  # one process keeps its running generator
     assert g.initial_seed() == 9
+
+
+def test_num_updates_and_reducer_of_one_and_two_ranks():
+    assert SINGLE_PROCESS.num_updates(100_000, 1024) == 98  # ceil(100000 / 1024)
+    assert SINGLE_PROCESS.num_updates(30, 10) == 3
+    assert DataParallel(rank=0, world_size=2).num_updates(100_000, 1024) == 49  # 2048 a step
+    assert SINGLE_PROCESS.reducer is LOCAL
+    assert DataParallel(rank=1, world_size=2).reducer is not LOCAL
 
 
 def test_timeout_env_is_validated(monkeypatch):

@@ -22,11 +22,13 @@ import pytest
 import torch
 
 from trpo.checkpoint import CHECKPOINT_DIRNAME, list_checkpoints, load_latest_checkpoint
-from trpo.config import TRPOConfig, config_for, load_config, parse_cli
+from trpo.config import TRPOConfig, load_config
 from trpo.evaluate import evaluate_policy, load_policy
 from trpo.evaluate import main as evaluate_main
 from trpo.logger import METRIC_KEYS, STEP_COLUMN, TENSORBOARD_DIRNAME, read_metrics
+from trpo.presets import config_for
 from trpo.run import main as run_main
+from trpo.run import parse_cli
 from trpo.train import train
 
 REPO = Path(__file__).resolve().parents[1]
