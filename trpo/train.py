@@ -109,6 +109,15 @@ class _State:
         """What every rank must hold identically (:meth:`DataParallel.check_agreement`)."""
         return self.actor, self.critic, self.critic_opt, self.obs_rms, self.reward_scaler
 
+    def snapshot(self) -> tuple[dict[str, Any], ...]:
+        """Copies of everything an update could touch (:meth:`roll_back` restores them)."""
+        modules = (self.actor, self.critic, self.critic_opt)
+        return copy.deepcopy(tuple(m.state_dict() for m in modules))
+
+    def roll_back(self, snapshot: tuple[dict[str, Any], ...]) -> None:
+        for module, saved in zip((self.actor, self.critic, self.critic_opt), snapshot):
+            module.load_state_dict(saved)
+
 
 class _Update(NamedTuple):
     step: PolicyStepResult
@@ -339,19 +348,14 @@ def _loop(
         rollout_seconds = time.perf_counter() - t0
         # 2. advantages by GAE(γ, λ)
         batch, returns = _advantages(config, rollout, dp)
-        # 3-4. trust-region policy step, critic regression on the GAE returns; a non-finite
-        # update is never applied: keep everything it could touch, and put it back.
-        backup = copy.deepcopy(
-            (state.actor.state_dict(), state.critic.state_dict(), state.critic_opt.state_dict())
-        )
+        # 3-4. trust-region policy step, critic regression on the GAE returns
+        backup = state.snapshot()
         result = _update(config, state, batch, returns, dp, cuda_graph)
         ok = result.policy_ok and math.isfinite(result.fit.value_loss)
         ok = ok and _is_finite_module(state.critic)
         failures = 0 if ok else failures + 1
-        if not ok:
-            state.actor.load_state_dict(backup[0])
-            state.critic.load_state_dict(backup[1])
-            state.critic_opt.load_state_dict(backup[2])
+        if not ok:  # a non-finite update is never applied
+            state.roll_back(backup)
         state.update = update + 1
         reporter.announce(state.update, result, ok, failures)
         # The ranks must still agree (bit for bit); a cheap checksum, fails loudly if not.
