@@ -239,9 +239,9 @@ class TRPOConfig:
 
     @property
     def given_fields(self) -> frozenset[str]:
-        """Names of the fields the caller gave explicitly (the constructor's keyword arguments,
-        or what :meth:`with_given` set); the others hold defaults or a preset."""
-        return self._given  # type: ignore[attr-defined]
+        """Names of the fields the caller gave explicitly (the constructor's arguments, or what
+        :meth:`with_given` set); the others hold defaults or a preset."""
+        return self.__dict__.get("_given", frozenset())
 
     def with_given(self, names: Iterable[str]) -> TRPOConfig:
         """This config, with exactly ``names`` counted as given by the caller.
