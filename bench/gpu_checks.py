@@ -223,7 +223,7 @@ def _fused() -> str:
 
 @check("trpo.train: 2 CartPole updates on CUDA")
 def _train_cuda() -> str:
-    from trpo.config import config_for
+    from trpo.presets import config_for
     from trpo.train import train
 
     with tempfile.TemporaryDirectory() as runs:

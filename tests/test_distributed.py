@@ -31,12 +31,14 @@ import torch.multiprocessing as mp
 from natgrad import distributed as nd
 from natgrad.linop import LinearOperator
 from trpo.checkpoint import list_checkpoints
+from trpo.config import TRPOConfig
 from trpo.distributed import SINGLE_PROCESS, DataParallel, SyncedRunningMeanStd
 from trpo.fast_critic import supports_fast_fit
-from trpo.gae import normalize_advantages
+from trpo.gae import LOCAL, normalize_advantages
 from trpo.logger import read_metrics
 from trpo.normalize import RunningMeanStd
 from trpo.policy import kl_divergence, make_actor, make_critic
+from trpo.train import _agree_on_run_dir
 from trpo.update import PolicyBatch, explained_variance, fit_critic, policy_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +135,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             _, batch = _policy_batch("gaussian")
             adv = _shard(batch.advantages * 4 + 2, split, rank)
             values = _shard(batch.obs[:, 0], split, rank)
-            out[f"adv/{split_name}"] = dp.normalize_advantages(adv)
+            out[f"adv/{split_name}"] = normalize_advantages(adv, reducer=dp.reducer)
             out[f"ev/{split_name}"] = dp.explained_variance(values, adv)
         # A rank with an empty batch still takes part in the merge.
         rms = SyncedRunningMeanStd(RunningMeanStd((3,)))
@@ -168,6 +170,17 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             out["divergence"] = None
         except nd.DivergenceError as e:
             out["divergence"] = str(e)
+        # Rank 0 creates a new run's directory; every rank gets its name, or its refusal.
+        runs = str(Path(out_dir) / "runs")
+        claimed = TRPOConfig(runs_root=runs, run_name="claimed")
+        out["runs_root"] = runs
+        out["run_name"] = _agree_on_run_dir(claimed, dp).run_name
+        try:
+            _agree_on_run_dir(claimed, dp)
+            out["run_dir_error"] = None
+        except ValueError as e:
+            out["run_dir_error"] = str(e)
+        out["default_run_name"] = _agree_on_run_dir(TRPOConfig(runs_root=runs), dp).run_name
     finally:
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()
@@ -301,6 +314,17 @@ def test_advantages_and_explained_variance_use_global_statistics(ranks, split):
         assert math.isclose(rank[f"ev/{split}"], ev, rel_tol=1e-10)
 
 
+def test_rank_0_alone_creates_the_run_directory_and_shares_its_name_or_error(ranks):
+    runs = Path(ranks[0]["runs_root"])
+    names = {r["default_run_name"] for r in ranks}
+    assert len(names) == 1  # rank 0's timestamp for every rank
+    assert sorted(p.name for p in runs.iterdir()) == sorted(["claimed", *names])
+    for rank in ranks:
+        assert rank["run_name"] == "claimed"
+        assert rank["run_dir_error"].startswith(f"run directory {runs / 'claimed'} already")
+        assert "--resume" in rank["run_dir_error"]
+
+
 def test_gather_operator_broadcast_and_divergence(ranks):
     expected_rows = torch.arange(6, dtype=DTYPE).reshape(3, 2)
     a0 = torch.ones(3, 3, dtype=DTYPE) + torch.eye(3, dtype=DTYPE)
@@ -351,6 +375,14 @@ def test_rank_seeds_differ_and_are_reproducible():
     g = torch.Generator().manual_seed(9)
     SINGLE_PROCESS.reseed(5, 3, g)  # one process keeps its running generator
     assert g.initial_seed() == 9
+
+
+def test_num_updates_and_reducer_of_one_and_two_ranks():
+    assert SINGLE_PROCESS.num_updates(100_000, 1024) == 98  # ceil(100000 / 1024)
+    assert SINGLE_PROCESS.num_updates(30, 10) == 3
+    assert DataParallel(rank=0, world_size=2).num_updates(100_000, 1024) == 49  # 2048 a step
+    assert SINGLE_PROCESS.reducer is LOCAL
+    assert DataParallel(rank=1, world_size=2).reducer is not LOCAL
 
 
 def test_timeout_env_is_validated(monkeypatch):

@@ -8,9 +8,11 @@ and every mean over samples is a mean over the *global* batch (``natgrad.distrib
   gradient, every Fisher-vector product, the line-search surrogate and KL, the entropy;
 * critic fit (``trpo.update.fit_critic(distributed=True)``): the gradient of every
   minibatch, all-reduced before each Adam step;
+* advantage normalisation (global mean and std): ``trpo.gae.normalize_advantages`` with
+  :attr:`DataParallel.reducer`;
 * here: the observation / return normaliser statistics (:class:`SyncedRunningMeanStd`,
-  merged counts, means and variances), advantage normalisation (global mean and std), the
-  explained variance and the episode statistics (gathered);
+  merged counts, means and variances), the explained variance and the episode statistics
+  (gathered);
 
 so the parameters stay bit-identical on every rank; :meth:`DataParallel.check_agreement`
 verifies it every update with a two-number checksum per rank. Rank 0 alone writes the config,
@@ -34,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from natgrad import distributed as nd
-from trpo.gae import normalize_advantages as _normalize_advantages
+from trpo.gae import LOCAL, MeanReducer
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.update import explained_variance as _explained_variance
 
@@ -160,6 +162,13 @@ class DataParallel:
         """Rank 0."""
         return self.rank == 0
 
+    @property
+    def reducer(self) -> MeanReducer:
+        """The reduction over ranks that the numerical steps receive: every mean over samples
+        becomes a mean over the global batch (the identity :data:`trpo.gae.LOCAL` in one
+        process), so no step asks whether the run is distributed."""
+        return _ALL_RANKS if self.enabled else LOCAL
+
     # ------------------------------------------------------------------ set-up
     @classmethod
     def from_env(cls, device: torch.device | str = "cpu") -> DataParallel:
@@ -239,17 +248,6 @@ class DataParallel:
             reward_scaler.return_rms = SyncedRunningMeanStd(reward_scaler.return_rms)
         return obs_rms, reward_scaler
 
-    def normalize_advantages(self, advantages: Tensor, eps: float = 1e-8) -> Tensor:
-        """``(A − μ) / (σ + eps)`` with the mean and population std of the global batch."""
-        if not self.enabled:
-            return _normalize_advantages(advantages, eps)
-        a = advantages.detach().to(torch.float64)
-        mean, var, _ = nd.merge_moments(
-            a.mean().reshape(1), a.var(correction=0).reshape(1), a.numel()
-        )
-        mean, std = mean.to(advantages.dtype), var.sqrt().to(advantages.dtype)
-        return (advantages - mean) / (std + eps)
-
     def explained_variance(self, values: Tensor, returns: Tensor) -> float:
         """``1 − Var(R − V) / Var(R)`` over the global batch (NaN if ``Var(R) = 0``)."""
         if not self.enabled:
@@ -296,6 +294,20 @@ class DataParallel:
             if rms is not None:
                 tensors += [rms.count, rms.mean, rms.var]
         nd.check_agreement(tensors, what="actor, critic, optimiser or normaliser state")
+
+
+class _AllRanks:
+    """The sample-weighted mean over the ranks of the default group.
+
+    A stand-in for ``natgrad.distributed.Reducer`` (to be built from there once it lands).
+    """
+
+    def mean(self, x: Tensor, n_local: int) -> Tensor:
+        """``Σ_r (n_r / N) x_r`` on every rank (two all-reduces)."""
+        return nd.all_reduce_mean(x, weight=nd.sample_weight(n_local, device=x.device))
+
+
+_ALL_RANKS = _AllRanks()
 
 
 def _state_tensors(state: Any) -> list[Tensor]:

@@ -16,10 +16,34 @@ last step bootstraps from ``V(s'_{T−1})`` through ``δ_{T−1}``.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
-__all__ = ["compute_gae", "normalize_advantages"]
+__all__ = ["LOCAL", "MeanReducer", "compute_gae", "normalize_advantages"]
+
+
+class MeanReducer(Protocol):
+    """What :func:`normalize_advantages` needs of ``natgrad.distributed.Reducer``."""
+
+    def mean(self, x: Tensor, n_local: int) -> Tensor:
+        """``Σ_r (n_r / N) x_r``: the mean over ranks of ``x`` weighted by the sample counts."""
+        ...
+
+
+class _Local:
+    """One process: the mean over ranks of ``x`` is ``x``.
+
+    A stand-in for ``natgrad.distributed.LOCAL`` (to be imported from there once it lands).
+    """
+
+    def mean(self, x: Tensor, n_local: int) -> Tensor:
+        return x
+
+
+LOCAL: MeanReducer = _Local()
+"""The identity reduction of a single process."""
 
 
 def compute_gae(
@@ -79,16 +103,33 @@ def compute_gae(
     return advantages, advantages + values
 
 
-def normalize_advantages(advantages: Tensor, eps: float = 1e-8) -> Tensor:
-    """``(A − mean A) / (std A + eps)`` over all elements (population std).
+def normalize_advantages(
+    advantages: Tensor, eps: float = 1e-8, *, reducer: MeanReducer = LOCAL
+) -> Tensor:
+    """``(A − μ) / (σ + eps)``, with ``μ``, ``σ`` the mean and population std of the batch.
+
+    When the batch is split over ranks (rank ``r`` holds ``n_r`` of the ``N`` elements, with
+    local moments ``μ_r``, ``σ_r``), ``reducer.mean(x, n_r) = Σ_r (n_r / N) x_r`` gives the
+    moments of the whole batch exactly (Chan et al.)::
+
+        μ = Σ_r w_r μ_r,    σ² = Σ_r w_r (σ_r² + (μ_r − μ)²),    w_r = n_r / N
+
+    In one process (``reducer`` the identity) this is ``(A − mean A) / (std A + eps)`` bit for
+    bit: ``sqrt(σ_r²)`` of a float64 square gives ``σ_r`` back.
 
     Args:
-        advantages: Any shape, e.g. ``(T, N)``.
+        advantages: This rank's advantages, any shape, e.g. ``(T, N)``.
         eps: Guards a constant batch (then the result is 0).
+        reducer: The mean over ranks (``natgrad.distributed.Reducer``); :data:`LOCAL` for one
+            process.
 
     Returns:
         Same shape and dtype.
     """
-    mean = advantages.mean()
-    std = advantages.std(correction=0)
+    mean, std = advantages.mean(), advantages.std(correction=0)
+    m, s = mean.double(), std.double()  # the moments travel in float64
+    n = advantages.numel()
+    global_mean = reducer.mean(m, n)
+    global_var = reducer.mean(s * s + (m - global_mean) ** 2, n)
+    mean, std = global_mean.to(advantages.dtype), global_var.sqrt().to(advantages.dtype)
     return (advantages - mean) / (std + eps)
