@@ -31,8 +31,8 @@ import torch.multiprocessing as mp
 from natgrad import distributed as nd
 from natgrad.linop import LinearOperator
 from trpo.checkpoint import list_checkpoints
+from trpo.critic import supports_fast_fit
 from trpo.distributed import SINGLE_PROCESS, DataParallel, SyncedRunningMeanStd
-from trpo.fast_critic import supports_fast_fit
 from trpo.gae import normalize_advantages
 from trpo.logger import read_metrics
 from trpo.normalize import RunningMeanStd
@@ -146,8 +146,13 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         a = torch.full((3, 3), float(rank + 1), dtype=DTYPE) + torch.eye(3, dtype=DTYPE)
         w = nd.sample_weight(3 if rank == 0 else 1)
         out["operator"] = nd.all_reduce_operator(LinearOperator.from_matrix(a), weight=w).to_dense()
-        out["function"] = nd.all_reduce_function(lambda x: x * (rank + 1), weight=w)(
-            torch.tensor(2.0, dtype=DTYPE)
+        reducer = nd.Reducer()
+        out["function"] = reducer.mean(torch.tensor(2.0 * (rank + 1), dtype=DTYPE), w)
+        out["reducer"] = (
+            reducer.weight(3 if rank == 0 else 1),
+            float(reducer.sum(torch.tensor(rank + 1.0, dtype=DTYPE))),
+            reducer.all(True),
+            reducer.all(rank == 0),
         )
         p = torch.zeros(2, dtype=DTYPE, requires_grad=True)
         (p * torch.tensor([1.0, 3.0 * rank], dtype=DTYPE)).sum().backward()
@@ -309,6 +314,7 @@ def test_gather_operator_broadcast_and_divergence(ranks):
         assert torch.equal(rank["gather"], expected_rows)
         torch.testing.assert_close(rank["operator"], 0.75 * a0 + 0.25 * a1, rtol=1e-15, atol=0)
         assert float(rank["function"]) == 0.75 * 2 + 0.25 * 4
+        assert rank["reducer"] == (0.75 if rank is ranks[0] else 0.25, 3.0, True, False)
         assert rank["grad"].tolist() == [1.0, 1.5]
         assert "rank(s) [1]" in rank["divergence"]  # every rank raised, naming rank 1
     torch.manual_seed(10)
@@ -325,8 +331,10 @@ def test_helpers_are_no_ops_without_a_process_group():
     assert nd.sample_weight(7) == 1.0 and nd.get_world_size() == 1 and nd.get_rank() == 0
     op = LinearOperator.from_matrix(torch.eye(4, dtype=DTYPE))
     assert nd.all_reduce_operator(op) is op
-    fn = lambda t: t.sum()  # noqa: E731
-    assert nd.all_reduce_function(fn) is fn
+    for reducer in (nd.LOCAL, nd.Reducer()):  # the identity in one process
+        assert not reducer.active and reducer.weight(7) == 1.0
+        assert reducer.mean(x, 0.3) is x and reducer.sum(x) is x
+        assert reducer.operator(op, 0.3) is op and reducer.all(True) and not reducer.all(False)
     assert nd.all_gather_rows(x) is x
     mean, var, n = nd.merge_moments(x, x.abs(), 3)
     assert mean is x and n == 3.0
