@@ -286,14 +286,12 @@ def policy_step_tensors(
     # reverse pass gives g in (2), its forward and reverse passes the Fisher in (3).
     fisher_obs = _fisher_states(batch.obs, settings.fvp_fraction, generator)
     fisher = _fisher(actor, params, fisher_obs)
-    reuse = _reuses_linearisation(fisher, fisher_obs, batch)
-    old = _old_policy(actor, params, batch, fisher if reuse else None)
+    linearised = fisher if _reuses_linearisation(fisher, fisher_obs, batch) else None
+    old = _old_policy(actor, params, batch, linearised)
 
-    # (1) L(θ_old) and (2) g = ∇_θ L(θ_old), as global means (with the entropy: one reduction).
-    surrogate_old, g = _surrogate_and_gradient(actor, params, batch, old, fisher if reuse else None)
-    packed = torch.cat([g, surrogate_old.reshape(1), old.entropy.reshape(1).to(g)])
-    packed = reducer.mean(packed, weight)
-    g, surrogate_old, policy_entropy = packed[:-2], packed[-2], packed[-1]
+    # (1) L(θ_old) and (2) g = ∇_θ L(θ_old), as global means (with the entropy).
+    surrogate_old, g = _surrogate_and_gradient(actor, params, batch, old, linearised)
+    g, surrogate_old, policy_entropy = _global_means(reducer, weight, g, surrogate_old, old)
 
     # (3) H: every Fisher-vector product the mean over the Fisher states of every process.
     fisher_weight = weight if fisher_obs is batch.obs else reducer.weight(fisher_obs.shape[0])
@@ -391,6 +389,15 @@ def _surrogate_and_gradient(
     return flat_grad(
         lambda p: surrogate(actor.functional_dist_params(p, batch.obs), batch, old), params
     )
+
+
+def _global_means(
+    reducer: Reducer, weight: float, g: Tensor, surrogate_old: Tensor, old: OldPolicy
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(g, L(θ_old), mean entropy)`` averaged over every process's batch: one reduction."""
+    packed = torch.cat([g, surrogate_old.reshape(1), old.entropy.reshape(1).to(g)])
+    packed = reducer.mean(packed, weight)
+    return packed[:-2], packed[-2], packed[-1]
 
 
 def line_search_batched(device: torch.device) -> bool:
