@@ -538,7 +538,7 @@ class Actor(_MLP):
         fn = self._dist_fn
         if type(self).forward is not Actor.forward or set(params) != fn.names:
             return None
-        if set(dict(self.named_parameters())) != fn.names or obs.shape[0] == 0:
+        if set(dict(self.named_parameters())) != fn.names or obs.ndim < 1 or obs.shape[0] == 0:
             return None
         if obs[0].numel() != self.layers[0].in_features:
             return None
