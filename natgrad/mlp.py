@@ -20,7 +20,7 @@ formula and its derivatives, each written once:
 
 These are the products ``torch.func`` computes (10 ``mm`` for two hidden layers) without the
 autograd engine, the double-backward graph and the pytree bookkeeping: ~1.5× faster per
-Fisher-vector product on CPU (``bench/test_bench_update.py::test_fvp_actor``).
+Fisher-vector product on CPU (``bench/fvp_timing.py``, row ``fisher_operator[custom]``).
 
 Two users on top:
 
