@@ -16,33 +16,14 @@ last step bootstraps from ``V(s'_{T−1})`` through ``δ_{T−1}``.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import Tensor
 
-__all__ = ["LOCAL", "MeanReducer", "compute_gae", "normalize_advantages"]
+from natgrad.distributed import LOCAL, Reducer
+
+__all__ = ["compute_gae", "normalize_advantages"]
 
 
-class MeanReducer(Protocol):
-    """What :func:`normalize_advantages` needs of ``natgrad.distributed.Reducer``."""
-
-    def mean(self, x: Tensor, n_local: int) -> Tensor:
-        """``Σ_r (n_r / N) x_r``: the mean over ranks of ``x`` weighted by the sample counts."""
-        ...
-
-
-class _Local:
-    """One process: the mean over ranks of ``x`` is ``x``.
-
-    A stand-in for ``natgrad.distributed.LOCAL`` (to be imported from there once it lands).
-    """
-
-    def mean(self, x: Tensor, n_local: int) -> Tensor:
-        return x
-
-
-LOCAL: MeanReducer = _Local()
 """The identity reduction of a single process."""
 
 
@@ -104,12 +85,12 @@ def compute_gae(
 
 
 def normalize_advantages(
-    advantages: Tensor, eps: float = 1e-8, *, reducer: MeanReducer = LOCAL
+    advantages: Tensor, eps: float = 1e-8, *, reducer: Reducer = LOCAL
 ) -> Tensor:
     """``(A − μ) / (σ + eps)``, with ``μ``, ``σ`` the mean and population std of the batch.
 
     When the batch is split over ranks (rank ``r`` holds ``n_r`` of the ``N`` elements, with
-    local moments ``μ_r``, ``σ_r``), ``reducer.mean(x, n_r) = Σ_r (n_r / N) x_r`` gives the
+    local moments ``μ_r``, ``σ_r``), ``reducer.mean(x, w_r) = Σ_r w_r x_r`` gives the
     moments of the whole batch exactly (Chan et al.)::
 
         μ = Σ_r w_r μ_r,    σ² = Σ_r w_r (σ_r² + (μ_r − μ)²),    w_r = n_r / N
@@ -128,8 +109,8 @@ def normalize_advantages(
     """
     mean, std = advantages.mean(), advantages.std(correction=0)
     m, s = mean.double(), std.double()  # the moments travel in float64
-    n = advantages.numel()
-    global_mean = reducer.mean(m, n)
-    global_var = reducer.mean(s * s + (m - global_mean) ** 2, n)
+    weight = reducer.weight(advantages.numel())
+    global_mean = reducer.mean(m, weight)
+    global_var = reducer.mean(s * s + (m - global_mean) ** 2, weight)
     mean, std = global_mean.to(advantages.dtype), global_var.sqrt().to(advantages.dtype)
     return (advantages - mean) / (std + eps)

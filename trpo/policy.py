@@ -39,6 +39,7 @@ log(1 − U)``; Gaussian is ``mean + σ·ε``.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from natgrad import mlp
 
 __all__ = [
     "FAMILIES",
@@ -370,16 +373,6 @@ def _check_hidden_sizes(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
-def _mlp_forward(x: Tensor, weights: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-    """``W_L tanh(… tanh(W_1 x + b_1) …) + b_L`` for ``weights = ((W_1, b_1), …)``."""
-    last = len(weights) - 1
-    for i, (w, b) in enumerate(weights):
-        x = F.linear(x, w, b)
-        if i < last:
-            x = torch.tanh(x)
-    return x
-
-
 class _MLP(nn.Module):
     """tanh MLP whose forward calls ``F.linear`` on the layers' parameters directly.
 
@@ -403,7 +396,7 @@ class _MLP(nn.Module):
         return tuple((layer.weight, layer.bias) for layer in self.layers)
 
     def _trunk(self, obs: Tensor) -> Tensor:
-        return _mlp_forward(self._flatten_obs(obs), self._weights())
+        return mlp.forward(self._flatten_obs(obs), self._weights())
 
 
 class Actor(_MLP):
@@ -464,10 +457,9 @@ class Actor(_MLP):
     def forward(self, obs: Tensor) -> DistParams:
         """Distribution parameters for a batch of (normalised) observations ``(*B, *obs_shape)``."""
         out = self._trunk(obs)
-        family = self.family
-        if family == "diag_gaussian":
+        if self.family == "diag_gaussian":
             return out, self.log_std
-        if family == "multi_categorical":
+        if self.family == "multi_categorical":
             return list(torch.split(out, self.nvec, dim=-1))
         return out
 
@@ -481,27 +473,12 @@ class Actor(_MLP):
         assign=True)``), so build it anew for each rollout.
         """
         weights = self._weights()
-        # addmm(b, x, Wᵀ) on a transposed *view* is the kernel F.linear uses for 2-D
-        # inputs (same result), minus one dispatch layer; tanh_ reuses the buffer.
-        hidden = tuple((b, w.t()) for w, b in weights[:-1])
-        b_out, wt_out = weights[-1][1], weights[-1][0].t()
-        flatten = self._flatten_obs if len(self.obs_shape) != 1 else None
+        flatten = self._flatten_obs
 
         def trunk(obs: Tensor) -> Tensor:
-            x = flatten(obs) if flatten is not None else obs
-            if x.dim() != 2:
-                return _mlp_forward(x, weights)
-            for b, wt in hidden:
-                x = torch.addmm(b, x, wt).tanh_()
-            return torch.addmm(b_out, x, wt_out)
+            return mlp.forward(flatten(obs), weights)
 
-        family, nvec = self.family, self.nvec
-        if family == "diag_gaussian":
-            log_std = self.log_std
-            return lambda obs: (trunk(obs), log_std)
-        if family == "multi_categorical":
-            return lambda obs: list(torch.split(trunk(obs), nvec, dim=-1))
-        return trunk
+        return self._head(trunk, self.log_std if self.family == "diag_gaussian" else None)
 
     def numpy_inference_fn(self) -> Callable[[np.ndarray], Any]:
         """:meth:`inference_fn` in numpy, for CPU actors: ``(N, *obs_shape)`` array in,
@@ -517,24 +494,25 @@ class Actor(_MLP):
         """
         if any(p.device.type != "cpu" for p in self.parameters()):
             raise ValueError("numpy_inference_fn needs the actor's parameters on the CPU")
-        hidden = tuple((w.detach().numpy().T, b.detach().numpy()) for w, b in self._weights()[:-1])
-        w_out, b_out = (t.detach().numpy() for t in self._weights()[-1])
-        w_out = w_out.T
+        weights = tuple((w.detach().numpy(), b.detach().numpy()) for w, b in self._weights())
         flat = len(self.obs_shape) == 1
 
         def trunk(obs: np.ndarray) -> np.ndarray:
-            x = obs if flat else obs.reshape(obs.shape[0], -1)
-            for w, b in hidden:
-                x = np.tanh(x @ w + b)
-            return x @ w_out + b_out
+            return mlp.numpy_forward(obs if flat else obs.reshape(obs.shape[0], -1), weights)
 
-        family = self.family
-        if family == "diag_gaussian":
-            log_std = self.log_std.detach().numpy()
-            return lambda obs: (trunk(obs), log_std)
-        if family == "multi_categorical":
+        log_std = self.log_std.detach().numpy() if self.family == "diag_gaussian" else None
+        if self.family == "multi_categorical":
             splits = np.cumsum(self.nvec)[:-1]
             return lambda obs: np.split(trunk(obs), splits, axis=-1)
+        return self._head(trunk, log_std)
+
+    def _head(self, trunk: Callable[[Any], Any], log_std: Any) -> Callable[[Any], Any]:
+        """``obs -> dist params`` from the trunk's output, structured as :meth:`forward`'s."""
+        if self.family == "diag_gaussian":
+            return lambda obs: (trunk(obs), log_std)
+        if self.family == "multi_categorical":
+            nvec = self.nvec
+            return lambda obs: list(torch.split(trunk(obs), nvec, dim=-1))
         return trunk
 
     def functional_dist_params(self, params: Mapping[str, Tensor], obs: Tensor) -> DistParams:
@@ -544,6 +522,41 @@ class Actor(_MLP):
         family=actor.family)``; ``params`` may be a subset of ``named_parameters()``.
         """
         return functional_call(self, params, (obs,))
+
+    def written_out_dist_fn(
+        self, params: Mapping[str, Tensor], obs: Tensor
+    ) -> mlp.MLPDistFn | None:
+        """:meth:`functional_dist_params` with ``J``, ``Jᵀ`` written out (:mod:`natgrad.mlp`),
+        for ``fisher_operator(..., linearization="custom")``; ``None`` unless this is the
+        plain tanh-MLP actor and ``params`` are exactly its parameters.
+
+        A subclass that overrides ``forward`` is declined at once; one that changes the
+        network behind it is caught by a numerical comparison with
+        :meth:`functional_dist_params` on a few states of ``obs``, made once per actor
+        (reading it is a host sync, which must not recur inside a recorded CUDA graph).
+        """
+        fn = self._dist_fn
+        if type(self).forward is not Actor.forward or set(params) != fn.names:
+            return None
+        if set(dict(self.named_parameters())) != fn.names or obs.ndim < 1 or obs.shape[0] == 0:
+            return None
+        if obs[0].numel() != self.layers[0].in_features:
+            return None
+        verified = _VERIFIED.get(self)
+        if verified is None:
+            verified = _VERIFIED[self] = fn.agrees_with(self.functional_dist_params, params, obs)
+        return fn if verified else None
+
+    @property
+    def _dist_fn(self) -> mlp.MLPDistFn:
+        n = len(self.layers)
+        return mlp.MLPDistFn(
+            [f"layers.{i}.weight" for i in range(n)],
+            [f"layers.{i}.bias" for i in range(n)],
+            family=self.family,
+            heads=self.nvec,
+            log_std="log_std" if self.family == "diag_gaussian" else None,
+        )
 
 
 class Critic(_MLP):
@@ -557,6 +570,10 @@ class Critic(_MLP):
     def forward(self, obs: Tensor) -> Tensor:
         """State values ``V(s)`` of shape ``(*B,)``."""
         return self._trunk(obs).squeeze(-1)
+
+
+_VERIFIED: weakref.WeakKeyDictionary[Actor, bool] = weakref.WeakKeyDictionary()
+"""Per actor: does :meth:`Actor.written_out_dist_fn` compute its forward? (checked once)"""
 
 
 def make_actor(

@@ -39,6 +39,7 @@ from trpo.checkpoint import (
     save_run_checkpoint,
 )
 from trpo.config import TRPOConfig, check_env_id, default_run_name, resume_config, save_config
+from trpo.critic import CriticFitResult, CriticSettings, explained_variance, fit_critic
 from trpo.distributed import DataParallel, NullLogger
 from trpo.gae import compute_gae, normalize_advantages
 from trpo.logger import MetricsLogger, ProgressBar, plot_learning_curve, read_metrics
@@ -46,13 +47,7 @@ from trpo.memory import check_memory
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.policy import Actor, Critic, make_actor, make_critic, observation_dim
 from trpo.rollout import Rollout, RolloutState, collect_rollout, init_rollout_state, make_envs
-from trpo.update import (
-    CriticFitResult,
-    PolicyBatch,
-    PolicyStepResult,
-    fit_critic,
-    policy_step,
-)
+from trpo.update import PolicyBatch, PolicyStepResult, PolicyStepSettings, policy_step
 
 __all__ = ["TrainResult", "TrainingError", "train"]
 
@@ -337,7 +332,6 @@ def _loop(
     critic fit → log → checkpoint."""
     reset_seed = dp.env_seed(_env_reset_seed(config, state.update))
     rollout_state = init_rollout_state(envs, reset_seed, global_step=state.global_step)
-    cuda_graph = config.cuda_graph and state.generator.device.type == "cuda"  # on the device
     failures = 0
     for update in range(state.update, num_updates):
         # 1. rollout with π_old
@@ -350,7 +344,7 @@ def _loop(
         batch, returns = _advantages(config, rollout, dp)
         # 3-4. trust-region policy step, critic regression on the GAE returns
         backup = state.snapshot()
-        result = _update(config, state, batch, returns, dp, cuda_graph)
+        result = _update(config, state, batch, returns, dp)
         ok = result.policy_ok and math.isfinite(result.fit.value_loss)
         ok = ok and _is_finite_module(state.critic)
         failures = 0 if ok else failures + 1
@@ -443,7 +437,6 @@ def _update(
     batch: PolicyBatch,
     returns: Tensor,
     dp: DataParallel,
-    cuda_graph: bool,
 ) -> _Update:
     """Steps 3-4: the trust-region policy step, then the critic fit (skipped when the policy
     step was non-finite: a batch that broke it is not fitted either)."""
@@ -451,17 +444,9 @@ def _update(
     step = policy_step(
         state.actor,
         batch,
-        max_kl=config.max_kl,
-        cg_iters=config.cg_iters,
-        cg_damping=config.cg_damping,
-        cg_rtol=config.cg_rtol,
-        fvp_fraction=config.fvp_fraction,
-        line_search_shrink=config.line_search_shrink,
-        line_search_max_tries=config.line_search_max_tries,
-        line_search_accept_ratio=config.line_search_accept_ratio,
+        settings=PolicyStepSettings.from_config(config),
         generator=state.cpu_generator,
-        distributed=dp.enabled,
-        cuda_graph=cuda_graph,
+        reducer=dp.reducer,
     )
     t1 = time.perf_counter()
     fit = CriticFitResult(value_loss=math.nan, steps=0)
@@ -471,11 +456,9 @@ def _update(
             state.critic_opt,
             batch.obs,
             returns,
-            epochs=config.critic_epochs,
-            minibatch_size=config.critic_minibatch_size,
+            settings=CriticSettings.from_config(config),
             generator=state.cpu_generator,
-            distributed=dp.enabled,
-            cuda_graph=cuda_graph,
+            reducer=dp.reducer,
         )
     return _Update(step, fit, t1 - t0, time.perf_counter() - t1)
 
@@ -552,7 +535,7 @@ class _Reporter:
             "trpo/grad_norm": step.grad_norm,
             "trpo/step_norm": step.step_norm,
             "trpo/entropy": step.entropy,
-            "trpo/explained_variance": self.dp.explained_variance(values, returns),
+            "trpo/explained_variance": explained_variance(values, returns, self.dp.reducer),
             "trpo/value_loss": fit.value_loss if result.policy_ok else None,
             "trpo/nonfinite_update": float(not ok),
             "trpo/consecutive_failures": failures,
