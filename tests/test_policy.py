@@ -1,4 +1,5 @@
-"""Tests for trpo.policy: distributions against torch.distributions (float64), networks."""
+"""Tests for natgrad.families (distributions against torch.distributions, float64) and
+trpo.policy (the actor and critic networks)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,19 @@ import torch
 from torch import distributions as D
 
 from natgrad.curvature import fisher_operator
-from natgrad.mlp import MLPDistFn
-from natgrad.params import ParamSpace
-from trpo.policy import (
+from natgrad.families import (
     FAMILIES,
-    Actor,
-    Critic,
     draw_noise,
     entropy,
     kl_divergence,
     log_prob,
-    make_actor,
-    make_critic,
     mode,
     sample,
     sample_from_noise,
 )
+from natgrad.mlp import MLPDistFn
+from natgrad.params import ParamSpace
+from trpo.policy import Actor, Critic, make_actor, make_critic
 
 B = 7
 OBS_SPACE = gym.spaces.Box(-1.0, 1.0, shape=(5,), dtype=np.float32)

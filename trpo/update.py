@@ -41,10 +41,11 @@ from torch import Tensor
 from natgrad import cuda_graph
 from natgrad.curvature import fisher_operator
 from natgrad.distributed import LOCAL, Reducer
+from natgrad.families import DistParams, entropy, kl_divergence, log_prob
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.trust_region import LineSearchResult, NaturalStep, line_search, natural_step
 from trpo.critic import settings_from_keywords
-from trpo.policy import Actor, DistParams, entropy, kl_divergence, log_prob
+from trpo.policy import Actor
 
 __all__ = [
     "OldPolicy",
