@@ -393,18 +393,13 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Flush and close; further :meth:`log` calls raise. Idempotent."""
-        file, self._file = self._file, None
         try:
-            if file is not None:
-                try:
-                    file.flush()
-                    os.fsync(file.fileno())
-                except OSError as e:
-                    raise MetricsFileError(describe_os_error(self.csv_path, e)) from e
-                finally:
-                    with contextlib.suppress(OSError):
-                        file.close()
-        finally:
+            self.flush()
+        finally:  # closed even when the flush failed (disk full), so the error is the flush's
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+                self._file = None
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
