@@ -1,29 +1,64 @@
-"""Deterministic evaluation of a trained policy, as a function and as a command.
+"""Deterministic evaluation of a trained policy (the library part; the command line is
+:mod:`trpo.evaluate`, which ``import trpo`` never imports, so that ``python -m
+trpo.evaluate`` runs without runpy's "found in sys.modules" warning and
+:mod:`trpo.train` can import :func:`evaluate_policy` at module level).
 
-    python -m trpo.evaluate RUN_DIR [--episodes 10] [--seed 0] [--video]
+Safety (issue 13):
 
-loads the run's ``config.json`` and newest valid checkpoint, runs the deterministic policy
-(argmax / Gaussian mean) with the observation statistics frozen, prints the returns, and with
-``--video`` writes ``RUN_DIR/eval.gif`` when the env renders rgb arrays.
+* every episode is capped at ``max_episode_steps`` (the env's own limit, else
+  :data:`DEFAULT_MAX_EPISODE_STEPS`), with a warning when the cap ends one, so an env whose
+  episodes never end cannot hang an evaluation;
+* :func:`load_policy` refuses a ``"module:Env-v0"`` id read from a run directory's
+  ``config.json`` unless ``allow_import=True`` (importing it would run that module's code);
+* checkpoints of another env or network size are passed over like corrupted ones (with a
+  warning naming each file skipped), and the GIF is written atomically, never through a link.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import torch
 
+from trpo.checkpoint import check_state_shapes, load_latest_checkpoint
+from trpo.config import load_config
+from trpo.envs import env_module, make_env
+from trpo.fileio import atomic_writer
 from trpo.normalize import RunningMeanStd
 from trpo.policy import Actor, make_actor, mode
 from trpo.rollout import env_action_converter
 
-__all__ = ["evaluate_policy", "load_policy", "main"]
+__all__ = ["DEFAULT_MAX_EPISODE_STEPS", "evaluate_policy", "load_policy"]
+
+DEFAULT_MAX_EPISODE_STEPS = 10_000
+"""Episode cap of :func:`evaluate_policy` for envs without their own ``max_episode_steps``."""
+
+
+def _episode_cap(env: object, max_episode_steps: int | None) -> int:
+    if max_episode_steps is not None:
+        if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, int) or (
+            max_episode_steps < 1
+        ):
+            raise ValueError(f"max_episode_steps must be an int >= 1 (got {max_episode_steps!r})")
+        return max_episode_steps
+    spec = getattr(env, "spec", None)
+    limit = getattr(spec, "max_episode_steps", None)
+    return int(limit) if limit else DEFAULT_MAX_EPISODE_STEPS
+
+
+def _write_gif(frames: list[np.ndarray], path: Path, fps: float) -> None:
+    from PIL import Image  # matplotlib's dependency; imported only when a video is asked for
+
+    images = [Image.fromarray(f) for f in frames]
+    with atomic_writer(path) as f:  # a link at `path` is replaced, never written through
+        images[0].save(
+            f, format="GIF", save_all=True, append_images=images[1:],
+            duration=int(1000 / fps), loop=0,
+        )
 
 
 def evaluate_policy(
@@ -35,32 +70,43 @@ def evaluate_policy(
     seed: int = 0,
     video_path: str | Path | None = None,
     max_video_frames: int = 1000,
+    max_episode_steps: int | None = None,
 ) -> list[float]:
     """Undiscounted returns of ``episodes`` episodes of the deterministic policy.
 
     Args:
         actor: The policy; its mode (argmax, mean, per-head argmax, ``logits > 0``) is played.
-        env_id: Gymnasium id.
+        env_id: Gymnasium id (``"module:Env-v0"`` imports ``module``: the caller named it).
+            Dict/Tuple observations are flattened as in training (:func:`trpo.envs.make_env`).
         episodes: Number of episodes (≥ 1), episode ``i`` reset with seed ``seed + i``.
         obs_normalizer: Statistics the actor was trained with; used frozen (never updated).
         seed: Base seed.
         video_path: If given, the first episode is rendered (``render_mode="rgb_array"``) into
-            this GIF file (needs Pillow, which matplotlib brings). When the env's renderer is
-            not installed (e.g. pygame for classic control) a warning is issued, no file is
-            written, and the returns are still computed.
+            this GIF file (needs Pillow, which matplotlib brings), written atomically. When
+            the env's renderer is not installed (e.g. pygame for classic control) a warning is
+            issued, no file is written, and the returns are still computed.
         max_video_frames: Frames kept for the GIF.
+        max_episode_steps: Cap on an episode's steps; None = the env's ``max_episode_steps``,
+            else :data:`DEFAULT_MAX_EPISODE_STEPS`. An episode ended by the cap counts with
+            the return of its first ``max_episode_steps`` steps, and a warning says so.
 
     Returns:
         One return per episode.
+
+    Raises:
+        ValueError: if ``episodes`` or ``max_episode_steps`` is not a positive int, or the
+            env id cannot be resolved.
     """
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
-    env = gym.make(env_id, render_mode="rgb_array" if video_path is not None else None)
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an int >= 1 (got {episodes!r})")
+    env = make_env(env_id, render_mode="rgb_array" if video_path is not None else None)
+    cap = _episode_cap(env, max_episode_steps)
     to_env = env_action_converter(env.action_space)
     param = next(actor.parameters())
     frames: list[np.ndarray] = []
     returns: list[float] = []
     recording = video_path is not None
+    capped = 0
 
     def grab() -> None:
         nonlocal recording
@@ -81,7 +127,7 @@ def evaluate_policy(
             obs, _ = env.reset(seed=seed + i)
             if recording and i == 0:
                 grab()
-            done, total = False, 0.0
+            done, total, steps = False, 0.0, 0
             while not done:
                 x = torch.as_tensor(np.asarray(obs), dtype=param.dtype, device=param.device)
                 if obs_normalizer is not None:
@@ -90,73 +136,68 @@ def evaluate_policy(
                     action = mode(actor.family, actor(x.unsqueeze(0)))[0]
                 obs, reward, terminated, truncated, _ = env.step(to_env(action.cpu().numpy()))
                 total += float(reward)
+                steps += 1
                 done = bool(terminated or truncated)
+                if not done and steps >= cap:
+                    done, capped = True, capped + 1
                 if recording and i == 0:
                     grab()
             returns.append(total)
     finally:
         env.close()
-    if video_path is not None and frames:
-        from PIL import Image
-
-        images = [Image.fromarray(f) for f in frames]
-        fps = env.metadata.get("render_fps", 30) or 30
-        images[0].save(
-            video_path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0
+    if capped:
+        warnings.warn(
+            f"{capped} of {episodes} evaluation episode(s) of {env_id} did not end within "
+            f"{cap} steps and were cut there (pass max_episode_steps to change the cap)",
+            stacklevel=2,
         )
+    if video_path is not None and frames:
+        _write_gif(frames, Path(video_path), env.metadata.get("render_fps", 30) or 30)
     return returns
 
 
-def load_policy(run_dir: str | Path) -> tuple[Actor, RunningMeanStd | None, str]:
-    """The actor, frozen observation statistics and env id of a run's newest valid checkpoint."""
-    from trpo.checkpoint import load_latest_checkpoint
-    from trpo.config import load_config
+def load_policy(
+    run_dir: str | Path, *, allow_import: bool = False
+) -> tuple[Actor, RunningMeanStd | None, str]:
+    """The actor, frozen observation statistics and env id of a run's newest valid checkpoint
+    that fits the run's env and network (others are skipped with a warning on stderr).
 
+    Args:
+        run_dir: a run directory written by ``python -m trpo.run``.
+        allow_import: resolve a ``"module:Env-v0"`` id of the run's ``config.json`` by
+            importing ``module``. Off by default: a run directory may come from someone else,
+            and importing a module runs its code.
+
+    Raises:
+        ValueError: the run's config is missing or invalid, or its env id names a module
+            and ``allow_import`` is False, or the env cannot be created.
+        CheckpointError: no checkpoint is valid and fits (the message lists each and why).
+    """
     config = load_config(run_dir)
-    env = gym.make(config.env_id)
+    module = env_module(config.env_id)
+    if module is not None and not allow_import:
+        raise ValueError(
+            f"{Path(run_dir) / 'config.json'} names env {config.env_id!r}, which would import "
+            f"the Python module {module!r} and run its code; if you trust this run directory, "
+            "pass --allow-import (allow_import=True)"
+        )
+    env = make_env(config.env_id)
     try:
         actor = make_actor(env.observation_space, env.action_space, config.hidden_sizes)
+        obs_shape = tuple(env.observation_space.shape)
     finally:
         env.close()
     actor = actor.to(dtype=config.torch_dtype())
-    state = load_latest_checkpoint(run_dir).state
+    loaded = load_latest_checkpoint(
+        run_dir, validate=lambda state: check_state_shapes(state, actor=actor)
+    )
+    for path, reason in loaded.skipped:
+        print(f"warning: skipped checkpoint {path}: {reason}", file=sys.stderr)
+    state = loaded.state
     actor.load_state_dict(state["actor"])
     obs_rms = None
     if "obs_rms" in state:
-        obs_rms = RunningMeanStd(tuple(env.observation_space.shape), clip=config.obs_clip)
+        obs_rms = RunningMeanStd(obs_shape, clip=config.obs_clip)
         obs_rms.load_state_dict(state["obs_rms"])
         obs_rms.frozen = True
     return actor, obs_rms, config.env_id
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: evaluate the newest checkpoint of a run directory."""
-    parser = argparse.ArgumentParser(
-        prog="python -m trpo.evaluate", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("run_dir", help="run directory written by python -m trpo.run")
-    parser.add_argument("--episodes", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--video", action="store_true", help="write RUN_DIR/eval.gif")
-    args = parser.parse_args(argv)
-    actor, obs_rms, env_id = load_policy(args.run_dir)
-    video = Path(args.run_dir) / "eval.gif" if args.video else None
-    returns = evaluate_policy(
-        actor,
-        env_id,
-        episodes=args.episodes,
-        obs_normalizer=obs_rms,
-        seed=args.seed,
-        video_path=video,
-    )
-    print(
-        f"{env_id}: mean return {np.mean(returns):.1f} ± {np.std(returns):.1f} over "
-        f"{len(returns)} episodes"
-    )
-    if video is not None:
-        print(f"video: {video}" if video.exists() else "video: none (see the warning above)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
