@@ -34,6 +34,7 @@ from gymnasium.wrappers import FlattenObservation
 __all__ = ["env_module", "make_env", "make_envs", "resolve_env_id"]
 
 _NESTED = (DictSpace, TupleSpace)
+_NOTICED: set[str] = set()
 
 
 def env_module(env_id: str) -> str | None:
@@ -91,7 +92,8 @@ class _FlattenNested:
         return env
 
     def notice(self, env_id: str, flat: gym.Space) -> None:
-        if self.flattened:
+        if self.flattened and env_id not in _NOTICED:  # once per env id and process
+            _NOTICED.add(env_id)
             kind = type(self.flattened[0]).__name__
             print(
                 f"notice: {env_id} has a {kind} observation space; it is flattened with "
@@ -114,7 +116,10 @@ def make_env(
     """
     spec = resolve_env_id(env_id, allow_import=allow_import)
     flatten = _FlattenNested()
-    env = flatten(gym.make(spec, render_mode=render_mode, **(env_kwargs or {})))
+    kwargs = dict(env_kwargs or {})
+    if render_mode is not None:  # envs without a render_mode argument accept no None either
+        kwargs["render_mode"] = render_mode
+    env = flatten(gym.make(spec, **kwargs))
     flatten.notice(env_id, env.observation_space)
     return env
 
