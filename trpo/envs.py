@@ -34,7 +34,6 @@ from gymnasium.wrappers import FlattenObservation
 __all__ = ["env_module", "make_env", "make_envs", "resolve_env_id"]
 
 _NESTED = (DictSpace, TupleSpace)
-_NOTICED: set[str] = set()
 
 
 def env_module(env_id: str) -> str | None:
@@ -92,8 +91,7 @@ class _FlattenNested:
         return env
 
     def notice(self, env_id: str, flat: gym.Space) -> None:
-        if self.flattened and env_id not in _NOTICED:  # once per env id and process
-            _NOTICED.add(env_id)
+        if self.flattened:
             kind = type(self.flattened[0]).__name__
             print(
                 f"notice: {env_id} has a {kind} observation space; it is flattened with "
@@ -108,8 +106,10 @@ def make_env(
     render_mode: str | None = None,
     allow_import: bool = True,
     env_kwargs: dict[str, Any] | None = None,
+    notice: bool = True,
 ) -> gym.Env:
-    """One env of ``env_id`` (Dict/Tuple observations flattened, see the module docstring).
+    """One env of ``env_id`` (Dict/Tuple observations flattened, see the module docstring;
+    ``notice=False`` leaves the one-line notice to whoever made the training envs).
 
     Raises:
         ValueError: see :func:`resolve_env_id`.
@@ -120,7 +120,8 @@ def make_env(
     if render_mode is not None:  # envs without a render_mode argument accept no None either
         kwargs["render_mode"] = render_mode
     env = flatten(gym.make(spec, **kwargs))
-    flatten.notice(env_id, env.observation_space)
+    if notice:
+        flatten.notice(env_id, env.observation_space)
     return env
 
 

@@ -99,7 +99,10 @@ def evaluate_policy(
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be an int >= 1 (got {episodes!r})")
-    env = make_env(env_id, render_mode="rgb_array" if video_path is not None else None)
+    # No flattening notice: training (or load_policy) printed it already.
+    env = make_env(
+        env_id, render_mode="rgb_array" if video_path is not None else None, notice=False
+    )
     cap = _episode_cap(env, max_episode_steps)
     to_env = env_action_converter(env.action_space)
     param = next(actor.parameters())
