@@ -16,6 +16,7 @@ Safety (issue 13):
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -25,9 +26,9 @@ import numpy as np
 import torch
 
 from trpo.checkpoint import check_state_shapes, load_latest_checkpoint
-from trpo.config import load_config
+from trpo.config import CONFIG_FILENAME, load_config
 from trpo.envs import env_module, make_env
-from trpo.fileio import atomic_writer
+from trpo.fileio import atomic_writer, read_regular_file
 from trpo.normalize import RunningMeanStd
 from trpo.policy import Actor, make_actor, mode
 from trpo.rollout import env_action_converter
@@ -36,6 +37,7 @@ __all__ = ["DEFAULT_MAX_EPISODE_STEPS", "evaluate_policy", "load_policy"]
 
 DEFAULT_MAX_EPISODE_STEPS = 10_000
 """Episode cap of :func:`evaluate_policy` for envs without their own ``max_episode_steps``."""
+_MAX_CONFIG_BYTES = 1 << 20
 
 
 def _episode_cap(env: object, max_episode_steps: int | None) -> int:
@@ -172,10 +174,14 @@ def load_policy(
             and importing a module runs its code.
 
     Raises:
+        RunDirError: ``config.json`` is a link, a FIFO or another non-regular file.
         ValueError: the run's config is missing or invalid, or its env id names a module
             and ``allow_import`` is False, or the env cannot be created.
         CheckpointError: no checkpoint is valid and fits (the message lists each and why).
     """
+    # config.json must be a regular file: never block on a FIFO or follow a link there.
+    with contextlib.suppress(FileNotFoundError):  # load_config names a missing one
+        read_regular_file(Path(run_dir) / CONFIG_FILENAME, max_bytes=_MAX_CONFIG_BYTES)
     config = load_config(run_dir)
     module = env_module(config.env_id)
     if module is not None and not allow_import:
