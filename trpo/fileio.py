@@ -59,6 +59,10 @@ TMP_PREFIX = ".tmp_"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# mkstemp creates files 0600; artifacts get the mode a plain open() would give them. The
+# umask can only be read by setting it, so it is read once, at import (single-threaded).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class RunDirError(RuntimeError):
@@ -128,6 +132,8 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
     except OSError as e:
         raise RunDirError(describe_os_error(path, e)) from e
     try:
+        with contextlib.suppress(OSError, AttributeError):  # no fchmod on Windows
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode, **({"newline": ""} if mode == "w" else {})) as f:
             yield f
             f.flush()
