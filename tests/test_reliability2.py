@@ -235,6 +235,10 @@ def test_item7_checkpoint_and_metrics_never_write_through_links(tmp_path):
     with pytest.raises(MetricsFileError, match="symbolic link"):
         MetricsLogger(run_dir, tensorboard=False)
     assert csv_target.read_bytes() == b"original"
+    (run_dir / "metrics.csv").unlink()
+    (run_dir / "tensorboard").symlink_to(tmp_path)
+    with pytest.raises(MetricsFileError, match="TensorBoard directory .* symbolic link"):
+        MetricsLogger(run_dir, tensorboard=True)
 
 
 def test_item7_atomic_write_leaves_no_temporary_file_on_failure(tmp_path):
@@ -244,6 +248,13 @@ def test_item7_atomic_write_leaves_no_temporary_file_on_failure(tmp_path):
     with pytest.raises(RunDirError):  # a directory in the way of the rename
         atomic_write_bytes(tmp_path / "d", b"1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_item7_artifacts_get_the_umask_mode_not_0600(tmp_path):
+    umask = os.umask(0o027)
+    os.umask(umask)
+    path = atomic_write_bytes(tmp_path / "a.bin", b"1")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # --- 8: module: ids read from a run directory ----------------------------------------------------
@@ -322,6 +333,15 @@ def test_item10_a_fifo_as_newest_checkpoint_is_skipped_without_blocking(tmp_path
     loaded = _finishes(lambda: load_latest_checkpoint(run_dir))
     assert loaded.update == 1 and loaded.state == {"update": 1}
     assert loaded.skipped[0][0] == newest and "FIFO" in loaded.skipped[0][1]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_item10_a_fifo_as_config_json_does_not_block_evaluate(tmp_path, capsys):
+    run_dir = _run_dir_with_actor(tmp_path, "CartPole-v1")
+    (run_dir / "config.json").unlink()
+    os.mkfifo(run_dir / "config.json")
+    assert _finishes(lambda: evaluate_main([str(run_dir)])) == 2
+    assert "is a FIFO, not a regular file" in capsys.readouterr().err
 
 
 def test_item10_links_and_devices_are_never_read(tmp_path):

@@ -38,6 +38,7 @@ from trpo.fileio import (
     describe_os_error,
     open_append_regular,
     read_regular_file,
+    refuse_symlink,
 )
 
 __all__ = [
@@ -268,6 +269,11 @@ class MetricsLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MetricsFileError(describe_os_error(self.run_dir, e, "create")) from e
+        if tensorboard:  # its events would be written (and purged on resume) elsewhere
+            try:
+                refuse_symlink(self.run_dir / TENSORBOARD_DIRNAME, "TensorBoard directory")
+            except RunDirError as e:
+                raise MetricsFileError(str(e)) from None
         self._columns: list[str] = []
         fresh = not (os.path.lexists(self.csv_path) and os.lstat(self.csv_path).st_size > 0)
         if not fresh:

@@ -1,6 +1,7 @@
 """Vector-env rollouts for on-policy learning, with low per-step overhead.
 
-Envs come from :func:`gymnasium.make_vec` in **same-step autoreset** mode: when
+Envs come from :func:`trpo.envs.make_envs` (re-exported here), which builds them with
+:func:`gymnasium.make_vec` in **same-step autoreset** mode: when
 an episode ends at step ``t``, the env is reset inside that same ``step`` call,
 the returned observation is already the first one of the next episode, and the
 true final observation is in ``infos["final_obs"][i]`` (mask
