@@ -76,17 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     run_dir = Path(args.run_dir)
-    error: Exception | None = None
-    with warnings.catch_warnings(record=True) as caught:
-        try:
-            returns, env_id, video = _run(args, run_dir)
-        except (ValueError, RunDirError) as e:  # CheckpointError is a RunDirError
-            error = e
-    for w in caught:  # one line each, not the two-line format of warnings
-        print(f"warning: {w.message}", file=sys.stderr)
-    if error is not None:
-        print(f"{_PROG}: error: {error}", file=sys.stderr)
+    saved_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        returns, env_id, video = _run(args, run_dir)
+    except (ValueError, RunDirError) as e:  # CheckpointError is a RunDirError
+        print(f"{_PROG}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = saved_format
     print(
         f"{env_id}: mean return {np.mean(returns):.1f} ± {np.std(returns):.1f} over "
         f"{len(returns)} episodes"
@@ -94,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if video is not None:
         print(f"video: {video}" if video.exists() else "video: none (see the warning above)")
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    # One line per warning instead of "file:line: Category: message" plus the source line.
+    return f"warning: {message}\n"
 
 
 def _run(args: argparse.Namespace, run_dir: Path) -> tuple[list[float], str, Path | None]:
