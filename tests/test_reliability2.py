@@ -218,7 +218,8 @@ def test_item7_eval_gif_replaces_a_link_and_leaves_its_target(tmp_path):
     gif = tmp_path / "run" / "eval.gif"
     target = _planted_link(tmp_path, gif)
     actor = make_actor(spaces.Box(-1, 1, (2,)), spaces.Discrete(2), (8,))
-    evaluate_policy(actor, ENDLESS_ID, episodes=1, video_path=gif, max_episode_steps=5)
+    with pytest.warns(UserWarning, match="did not end within 5 steps"):
+        evaluate_policy(actor, ENDLESS_ID, episodes=1, video_path=gif, max_episode_steps=5)
     assert target.read_bytes() == b"original"
     assert not gif.is_symlink() and gif.read_bytes()[:6] == b"GIF89a"
 
