@@ -70,6 +70,17 @@ class _Endless(gym.Env):
         return np.full((4, 4, 3), 200, np.uint8)
 
 
+class _NanAtStep3(_Endless):
+    def reset(self, *, seed=None, options=None):
+        self.t = 0
+        return super().reset(seed=seed)
+
+    def step(self, action):
+        self.t += 1
+        obs = np.full(2, np.nan if self.t == 3 else 0.0, np.float32)
+        return obs, 1.0, False, False, {}
+
+
 class _Nested(gym.Env):
     """Dict or Tuple observations (``kind``), episodes of 5 steps."""
 
@@ -94,8 +105,10 @@ class _Nested(gym.Env):
 
 
 ENDLESS_ID, NESTED_ID = "trpo_test/Endless-v0", "trpo_test/Nested-v0"
+NAN_ID = "trpo_test/NanAtStep3-v0"
 if ENDLESS_ID not in gym.registry:
     gym.register(ENDLESS_ID, entry_point=_Endless)  # no max_episode_steps: never ends
+    gym.register(NAN_ID, entry_point=_NanAtStep3)
     gym.register(NESTED_ID, entry_point=_Nested, max_episode_steps=50)
 
 
@@ -477,6 +490,17 @@ def test_item17_every_evaluate_error_is_one_line_and_exit_2(tmp_path, capsys):
     other = make_actor(spaces.Box(-1, 1, (3,)), spaces.Discrete(2), (8,))
     save_run_checkpoint(run_dir, 1, {"actor": other.state_dict()})  # another env's
     assert "does not fit" in _one_line_error([str(run_dir)], capsys)
+
+
+def test_item17_a_negative_seed_and_a_nan_env_are_named_not_tracebacks(tmp_path, capsys):
+    run_dir = _run_dir_with_actor(tmp_path, "CartPole-v1")
+    assert ">= 0" in _one_line_error([str(run_dir), "--seed", "-1"], capsys)
+    actor = make_actor(spaces.Box(-1, 1, (2,)), spaces.Discrete(2), (8,))
+    with pytest.raises(ValueError, match="non-finite observation or reward at step 3 of "
+                                         "evaluation episode 0"):
+        evaluate_policy(actor, NAN_ID, episodes=1)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        evaluate_policy(actor, NAN_ID, seed=-2)
 
 
 def test_item17_skipped_newer_checkpoints_are_named_on_stderr(tmp_path, capsys):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -37,25 +37,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{_PROG}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int ≥ ``low``, else a one-line parser error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_PROG, description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="run directory written by python -m trpo.run")
-    parser.add_argument("--episodes", type=_positive_int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=_int_at_least(1), default=10)
+    parser.add_argument("--seed", type=_int_at_least(0), default=0)
     parser.add_argument("--video", action="store_true", help="write RUN_DIR/eval.gif")
     parser.add_argument(
         "--max-episode-steps",
-        type=_positive_int,
+        type=_int_at_least(1),
         default=None,
         help="cap on an episode's steps (default: the env's limit, else 10000)",
     )

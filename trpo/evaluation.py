@@ -52,6 +52,16 @@ def _episode_cap(env: object, max_episode_steps: int | None) -> int:
     return int(limit) if limit else DEFAULT_MAX_EPISODE_STEPS
 
 
+def _check_finite(env_id: str, episode: int, step: int, obs: object, reward: object) -> None:
+    # A NaN observation would be played as a NaN action and a NaN reward summed into the
+    # return: name the env and the place instead of printing a NaN mean.
+    if not (np.isfinite(np.asarray(obs, dtype=np.float64)).all() and np.isfinite(reward)):
+        raise ValueError(
+            f"env {env_id!r} returned a non-finite observation or reward at step {step} of "
+            f"evaluation episode {episode}"
+        )
+
+
 def _write_gif(frames: list[np.ndarray], path: Path, fps: float) -> None:
     from PIL import Image  # matplotlib's dependency; imported only when a video is asked for
 
@@ -96,11 +106,14 @@ def evaluate_policy(
         One return per episode.
 
     Raises:
-        ValueError: if ``episodes`` or ``max_episode_steps`` is not a positive int, or the
-            env id cannot be resolved.
+        ValueError: if ``episodes`` or ``max_episode_steps`` is not a positive int, ``seed``
+            is negative, the env id cannot be resolved, or the env returns a non-finite
+            observation or reward (naming the episode and step).
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be an int >= 1 (got {episodes!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0 (got {seed!r})")
     # No flattening notice: training (or load_policy) printed it already.
     env = make_env(
         env_id, render_mode="rgb_array" if video_path is not None else None, notice=False
@@ -130,6 +143,7 @@ def evaluate_policy(
     try:
         for i in range(episodes):
             obs, _ = env.reset(seed=seed + i)
+            _check_finite(env_id, i, 0, obs, 0.0)
             if recording and i == 0:
                 grab()
             done, total, steps = False, 0.0, 0
@@ -140,8 +154,9 @@ def evaluate_policy(
                 with torch.inference_mode():
                     action = mode(actor.family, actor(x.unsqueeze(0)))[0]
                 obs, reward, terminated, truncated, _ = env.step(to_env(action.cpu().numpy()))
-                total += float(reward)
                 steps += 1
+                _check_finite(env_id, i, steps, obs, reward)
+                total += float(reward)
                 done = bool(terminated or truncated)
                 if not done and steps >= cap:
                     done, capped = True, capped + 1
