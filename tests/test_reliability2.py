@@ -44,6 +44,7 @@ from trpo.evaluation import DEFAULT_MAX_EPISODE_STEPS, evaluate_policy, load_pol
 from trpo.fileio import RunDirError, atomic_write_bytes, read_regular_file
 from trpo.logger import MetricsFileError, MetricsLogger, plot_learning_curve, read_metrics
 from trpo.policy import make_actor
+from trpo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -311,6 +312,17 @@ def test_item9_evaluation_caps_endless_episodes_with_a_warning():
     with pytest.warns(UserWarning, match=f"within {DEFAULT_MAX_EPISODE_STEPS} steps"):
         returns = _finishes(lambda: evaluate_policy(actor, ENDLESS_ID, episodes=1))
     assert returns == [float(DEFAULT_MAX_EPISODE_STEPS)]
+
+
+def test_item9_train_final_evaluation_on_an_endless_env_returns(tmp_path):
+    config = TRPOConfig(
+        env_id=ENDLESS_ID, n_envs=2, n_steps=16, total_steps=32, hidden_sizes=(8,),
+        cg_iters=3, critic_epochs=1, critic_minibatch_size=32, eval_episodes=1, plot=False,
+        progress=False, tensorboard=False, runs_root=str(tmp_path), run_name="endless",
+    )
+    with pytest.warns(UserWarning, match=f"within {DEFAULT_MAX_EPISODE_STEPS} steps"):
+        result = _finishes(lambda: train(config), timeout=120)
+    assert result.eval_returns == [float(DEFAULT_MAX_EPISODE_STEPS)]
 
 
 def test_item9_an_env_with_its_own_limit_is_not_capped_or_warned(recwarn):
