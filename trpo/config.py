@@ -52,6 +52,8 @@ import gymnasium
 import torch
 import tyro
 
+from trpo.fileio import RunDirError, atomic_write_bytes, read_regular_file
+
 __all__ = [
     "CONFIG_FILENAME",
     "FIXED_ON_RESUME",
@@ -64,6 +66,7 @@ __all__ = [
 ]
 
 CONFIG_FILENAME = "config.json"
+_MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; anything larger is not ours
 """Name of the resolved config saved in every run directory."""
 
 FIXED_ON_RESUME = ("env_id", "hidden_sizes", "normalize_obs", "normalize_reward")
@@ -458,10 +461,8 @@ def save_config(config: TRPOConfig, run_dir: str | os.PathLike[str]) -> Path:
     """Write ``config.to_dict()`` as ``run_dir/config.json`` (atomically); return the path."""
     path = Path(run_dir) / CONFIG_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    return atomic_write_bytes(path, text.encode())
 
 
 def load_config(run_dir: str | os.PathLike[str]) -> TRPOConfig:
@@ -472,10 +473,12 @@ def load_config(run_dir: str | os.PathLike[str]) -> TRPOConfig:
     """
     path = Path(run_dir) / CONFIG_FILENAME
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular_file(path, max_bytes=_MAX_CONFIG_BYTES))
     except FileNotFoundError:
         raise ValueError(f"{path} not found: is {run_dir} a run directory?") from None
-    except json.JSONDecodeError as e:
+    except RunDirError as e:  # a link, FIFO or device, or far too large: never read it
+        raise ValueError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     try:
         return TRPOConfig.from_dict(data)

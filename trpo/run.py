@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import tyro
 
-from trpo.checkpoint import CheckpointError
 from trpo.config import TRPOConfig, check_env_id, load_config, resume_config
+from trpo.fileio import RunDirError
 from trpo.logger import TENSORBOARD_DIRNAME
 from trpo.presets import config_for
 from trpo.train import TrainingError, train
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     artifacts = ["config.json", "metrics.csv", "checkpoints/"]

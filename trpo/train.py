@@ -33,6 +33,7 @@ from torch import Tensor
 from natgrad.trust_region import StepStatus
 from trpo.checkpoint import (
     capture_rng_state,
+    check_state_shapes,
     checkpoint_path,
     load_latest_checkpoint,
     restore_rng_state,
@@ -41,6 +42,7 @@ from trpo.checkpoint import (
 from trpo.config import TRPOConfig, check_env_id, default_run_name, resume_config, save_config
 from trpo.critic import CriticFitResult, CriticSettings, explained_variance, fit_critic
 from trpo.distributed import DataParallel, NullLogger
+from trpo.evaluation import evaluate_policy
 from trpo.gae import compute_gae, normalize_advantages
 from trpo.logger import MetricsLogger, ProgressBar, plot_learning_curve, read_metrics
 from trpo.memory import check_memory
@@ -61,7 +63,7 @@ class TrainResult:
     """What :func:`train` returns.
 
     Attributes:
-        actor: The trained policy (evaluate with ``trpo.evaluate.evaluate_policy``).
+        actor: The trained policy (evaluate with ``trpo.evaluation.evaluate_policy``).
         critic: The trained value function.
         obs_normalizer: Observation statistics the actor expects (frozen), or None.
         config: The resolved config (run name filled in).
@@ -264,7 +266,13 @@ def _build(config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel
 
 def _restore(state: _State, config: TRPOConfig, device: torch.device, dp: DataParallel) -> None:
     """Load the newest valid checkpoint of ``config.run_dir`` into ``state``."""
-    loaded = load_latest_checkpoint(config.run_dir, map_location=device)
+    # A checkpoint that does not fit these networks (another env's) is skipped like a damaged
+    # one, so the newest one that does is restored.
+    loaded = load_latest_checkpoint(
+        config.run_dir,
+        map_location=device,
+        validate=lambda saved: check_state_shapes(saved, actor=state.actor, critic=state.critic),
+    )
     for path, reason in loaded.skipped:
         print(f"warning: skipped checkpoint {path}: {reason}", file=sys.stderr)
     saved = loaded.state
@@ -610,10 +618,6 @@ def _finish(config: TRPOConfig, state: _State, dp: DataParallel) -> TrainResult:
         state.obs_rms.frozen = True
     eval_returns: list[float] = []
     if config.eval_episodes > 0 and dp.is_main:
-        # Imported here: `import trpo` must not import trpo.evaluate, or
-        # `python -m trpo.evaluate` warns that the module was imported before it ran.
-        from trpo.evaluate import evaluate_policy
-
         eval_returns = evaluate_policy(
             state.actor,
             config.env_id,
