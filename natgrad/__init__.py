@@ -3,7 +3,8 @@
 * :mod:`natgrad.params`: :class:`ParamSpace` (parameter dict <-> flat vector), :func:`flat_grad`.
 * :mod:`natgrad.linop`: :class:`LinearOperator` on flat vectors (damping, dense, scipy).
 * :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators via ``torch.func``.
-* :mod:`natgrad.cg`: :func:`cg_solve` -> :class:`CGResult`.
+* :mod:`natgrad.cg`: :class:`CG` (settings as a value), :func:`cg_solve` -> :class:`CGResult`.
+* :mod:`natgrad.status`: the one status mechanism (:class:`Status`, :class:`SolverError`).
 * :mod:`natgrad.trust_region`: :func:`natural_step`, :func:`line_search`.
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
 
@@ -11,7 +12,7 @@ natgrad knows nothing of reinforcement learning: any model and any loss can use 
 """
 
 from natgrad import distributed
-from natgrad.cg import CGError, CGIterate, CGResult, CGStatus, cg_solve
+from natgrad.cg import CG, CGError, CGIterate, CGResult, CGStatus, cg_solve
 from natgrad.curvature import (
     FAMILIES,
     CurvatureOperator,
@@ -22,8 +23,10 @@ from natgrad.curvature import (
 )
 from natgrad.linop import LinearOperator
 from natgrad.params import ParamSpace, flat_grad
+from natgrad.status import ResultStatus, SolverError, Status
 from natgrad.trust_region import (
     LineSearchResult,
+    LineSearchStatus,
     NaturalStep,
     StepStatus,
     line_search,
@@ -33,6 +36,7 @@ from natgrad.trust_region import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CG",
     "FAMILIES",
     "CGError",
     "CGIterate",
@@ -40,9 +44,13 @@ __all__ = [
     "CGStatus",
     "CurvatureOperator",
     "LineSearchResult",
+    "LineSearchStatus",
     "LinearOperator",
     "NaturalStep",
     "ParamSpace",
+    "ResultStatus",
+    "SolverError",
+    "Status",
     "StepStatus",
     "cg_solve",
     "distributed",

@@ -191,7 +191,8 @@ def test_x0_is_not_mutated_and_is_used() -> None:
     assert warm.x is not x0
     torch.testing.assert_close(warm.x, exact, rtol=0, atol=1e-9)
     assert warm.status is CGStatus.CONVERGED
-    assert warm.matvecs == int(warm.iterations) + 1  # +1 for r₀ = b − A x0
+    # +1 for r₀ = b − A x0, +1 for the true-residual check of a solve of ≥ 10 iterations
+    assert warm.matvecs == int(warm.iterations) + 1 + int(warm.residual_checked)
     assert int(cold.iterations) >= int(warm.iterations)
 
 
@@ -230,7 +231,8 @@ def test_matvec_count_is_exact(with_x0: bool, rtol: float) -> None:
     x0 = torch.zeros(64, dtype=F64) + 0.1 if with_x0 else None
     res = cg_solve(count, case.b, x0=x0, rtol=rtol, maxiter=15 if rtol == 0 else None)
     loop = 15 if rtol == 0 else int(res.iterations)
-    assert count.calls == res.matvecs == loop + int(with_x0)
+    assert count.calls == res.matvecs == loop + int(with_x0) + int(res.residual_checked)
+    assert bool(res.residual_checked) == (rtol > 0)  # tolerance mode, ≥ 10 iterations
 
 
 def test_default_maxiter_is_ten_n() -> None:
@@ -283,7 +285,9 @@ def test_indefinite_matrix_gives_non_positive_curvature() -> None:
     assert float(p @ A @ p) <= 0
     torch.testing.assert_close(res.curvature, p @ A @ p)
     torch.testing.assert_close(p, torch.tensor([1.6, 0.8, 3.2, 0.0], dtype=F64))
-    with pytest.raises(CGError, match=r"non-positive curvature pᵀAp = -6\.4.*damping") as info:
+    with pytest.raises(
+        CGError, match=r"breakdown after 1 iteration: pᴴ\(A \+ λI\)p = -6\.4.*add damping"
+    ) as info:
         res.raise_if_failed(allow_max_iterations=True)
     assert info.value.result is res
 
@@ -336,7 +340,7 @@ def test_non_finite_operator_output_gives_status() -> None:
     assert res.status is CGStatus.NON_FINITE
     assert int(res.iterations) == 2  # two good updates, the third matvec was NaN
     two = cg_solve(A, b, rtol=0.0, atol=0.0, maxiter=2)
-    torch.testing.assert_close(res.x, two.x, rtol=0, atol=0)  # the last finite iterate
+    torch.testing.assert_close(res.x, two.x, rtol=0, atol=1e-15)  # the last finite iterate
     with pytest.raises(CGError, match="non-finite.*after 2 iterations.*NaN or inf"):
         res.raise_if_failed()
 
