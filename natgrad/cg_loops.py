@@ -142,6 +142,13 @@ def vector_cg(
     """
     finfo = torch.finfo(b.dtype)
     stop = max(tol, finfo.eps * bnorm)
+    dot = torch.vdot if b.is_complex() else torch.dot  # vdot conjugates its first argument
+
+    def norm(v: Tensor) -> float:
+        # ‖v‖ from one dot product (cheaper than vector_norm), unless v·v under/overflows.
+        vv = dot(v, v).real.item()
+        return math.sqrt(vv) if finfo.tiny < vv < finfo.max else torch.linalg.norm(v).item()
+
     if bnorm == 0.0:  # scipy: b = 0 gives x = 0 at once, whatever x0
         return _run(b, torch.zeros_like(b), torch.zeros_like(b), 0.0, "CONVERGED", 0, 0)
     mv = 0
@@ -151,13 +158,13 @@ def vector_cg(
         x, r = x0.clone(), r0
         if r is None:
             r, mv = b - matvec(x), 1
-    rnorm = torch.linalg.vector_norm(r).item()
+    rnorm = norm(r)
     if not (math.isfinite(rnorm) and math.isfinite(bnorm)):
         return _run(b, x, r, rnorm, "NON_FINITE", 0, mv)
     if rnorm <= stop:
         return _run(b, x, r, rnorm, "CONVERGED", 0, mv)
     z = r if precond is None else precond(r)
-    rz = rnorm * rnorm if precond is None else _dot(r, z).item()
+    rz = rnorm * rnorm if precond is None else dot(r, z).real.item()
     if not math.isfinite(rz):
         return _run(b, x, r, rnorm, "NON_FINITE", 0, mv)
     if rz <= 0.0:
@@ -166,7 +173,7 @@ def vector_cg(
     for i in range(maxiter):
         q = matvec(p)
         mv += 1
-        pq = _dot(p, q).item()
+        pq = dot(p, q).real.item()
         if not math.isfinite(pq):
             return _run(b, x, r, rnorm, "NON_FINITE", i, mv)
         if pq <= 0.0:
@@ -175,16 +182,17 @@ def vector_cg(
             return _run(b, x, r, rnorm, "NON_POSITIVE_CURVATURE", i, mv, p, pq)
         alpha = rz / pq
         r_new = torch.add(r, q, alpha=-alpha)
-        rnorm_new = torch.linalg.vector_norm(r_new).item()
+        rnorm_new = norm(r_new)
         if not (math.isfinite(alpha) and math.isfinite(rnorm_new)):
             return _run(b, x, r, rnorm, "NON_FINITE", i, mv)
-        x, r, rnorm = torch.add(x, p, alpha=alpha), r_new, rnorm_new
+        x.add_(p, alpha=alpha)  # x is our own copy; r stays out of place until checked
+        r, rnorm = r_new, rnorm_new
         status = None
         if rnorm <= stop:
             status = "CONVERGED"
         else:
             z = r if precond is None else precond(r)
-            rz_new = rnorm * rnorm if precond is None else _dot(r, z).item()
+            rz_new = rnorm * rnorm if precond is None else dot(r, z).real.item()
             if not math.isfinite(rz_new):
                 status = "NON_FINITE"
             elif rz_new <= 0.0:  # without M only by underflow of ‖r‖²: converged

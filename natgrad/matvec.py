@@ -69,7 +69,8 @@ def _check_output(name: str, fn: Matvec) -> Matvec:
         out = fn(v)
         if not isinstance(out, Tensor):
             raise ValueError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
-        if out.shape != v.shape or out.dtype != v.dtype or not same_device(out.device, v.device):
+        # Tensors' devices carry their index, so != is exact (and cheaper than same_device).
+        if out.shape != v.shape or out.dtype != v.dtype or out.device != v.device:
             raise ValueError(
                 f"{name} maps a {tuple(v.shape)} {v.dtype} tensor on {v.device} to "
                 f"{tuple(out.shape)} {out.dtype} on {out.device}; it must preserve shape, dtype "
