@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import natgrad.cg
+import natgrad.matvec
 from natgrad.cg import CG, CGError, CGIterate, CGStatus, cg_solve
 from natgrad.status import SolverError
 
@@ -774,3 +775,14 @@ def test_cg_error_is_a_solver_error() -> None:
         res.raise_if_failed()
     assert isinstance(info.value, CGError) and info.value.result is res
     assert res.raise_if_failed(allow=("non_positive_curvature",)) is res
+
+
+def test_matvec_module_docstring_examples_and_one_damping() -> None:
+    result = doctest.testmod(natgrad.matvec)
+    assert result.attempted > 0 and result.failed == 0
+    A = _spd(4, 1.0, 2.0, 30)
+    v = torch.randn(4, dtype=F64, generator=_gen(30))
+    damped = natgrad.matvec.damp(lambda u: A @ u, 0.25)
+    torch.testing.assert_close(damped(v), (A + 0.25 * torch.eye(4, dtype=F64)) @ v)
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        natgrad.matvec.damp(lambda u: u, float("nan"))

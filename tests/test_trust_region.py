@@ -12,7 +12,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import natgrad.trust_region
 from natgrad.cg import CG, CGStatus
-from natgrad.trust_region import LineSearchResult, StepStatus, line_search, natural_step
+from natgrad.status import SolverError
+from natgrad.trust_region import (
+    LineSearchResult,
+    LineSearchStatus,
+    StepStatus,
+    line_search,
+    natural_step,
+)
 
 F64 = torch.float64
 
@@ -442,3 +449,124 @@ def test_natural_step_applies_the_operator_only_inside_cg(maxiter):
     assert float(0.5 * step @ (H + 0.1 * torch.eye(6, dtype=F64)) @ step) == pytest.approx(
         0.02, rel=1e-12
     )
+
+
+# ----------------------------------------------------- issue 10: underflow fix
+@pytest.mark.parametrize(
+    ("dtype", "seed", "maxiter"),
+    [(torch.float32, 1, 10), (torch.float64, 0, 40)],
+    ids=["f32", "f64"],
+)
+def test_natural_step_after_early_convergence_is_the_exact_step(dtype, seed, maxiter) -> None:
+    # Issue 10's reproduction: a rank-3 Fisher (n = 200, damping 0.1) on which fixed-mode CG
+    # converged early and then reported NON_POSITIVE_CURVATURE, giving a zero step.
+    g_ = _gen(seed)
+    J = torch.randn(3, 200, dtype=F64, generator=g_)
+    F = 1e-4 * J.T @ J
+    g = torch.randn(200, dtype=F64, generator=g_)
+    solver = CG(rtol=0.0, maxiter=maxiter, check_finite=False)
+    st = natural_step(g.to(dtype), F.to(dtype), 0.01, damping=0.1, solver=solver)
+    assert st.status is StepStatus.OK and st.success
+    s = torch.linalg.solve(F + 0.1 * torch.eye(200, dtype=F64), g)
+    ref = math.sqrt(2 * 0.01 / float(g @ s)) * s
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(st.step.double(), ref, rtol=0, atol=tol * float(ref.abs().max()))
+
+
+# ------------------------------------------------ issue 9: names and statuses
+def test_delta_and_solver_replace_max_kl_and_cg_options_with_a_warning() -> None:
+    H = _spd(5, 0.5, 3.0, 40)
+    g = torch.randn(5, dtype=F64, generator=_gen(40))
+    new = natural_step(g, H, delta=0.02, damping=0.1, solver=CG(rtol=0.0, maxiter=3))
+    with pytest.warns(DeprecationWarning, match=r"natural_step\(max_kl=...\) is deprecated"):
+        old_kl = natural_step(g, H, max_kl=0.02, damping=0.1, solver=CG(rtol=0.0, maxiter=3))
+    with pytest.warns(DeprecationWarning, match=r"solver=natgrad.CG\(rtol=..., maxiter=...\)"):
+        old_opts = natural_step(g, H, 0.02, damping=0.1, rtol=0.0, maxiter=3)
+    assert torch.equal(new.step, old_kl.step) and torch.equal(new.step, old_opts.step)
+    with pytest.raises(TypeError, match="both 'delta' and its deprecated name 'max_kl'"):
+        natural_step(g, H, 0.02, max_kl=0.02)
+    with pytest.raises(TypeError, match="missing required argument 'delta'"):
+        natural_step(g, H)
+    with pytest.raises(TypeError, match="both solver= and CG keywords"):
+        natural_step(g, H, 0.02, solver=CG(), maxiter=3)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['maxiters'\\]"):
+        natural_step(g, H, 0.02, maxiters=3)
+
+
+def test_line_search_max_constraint_still_works_with_a_warning() -> None:
+    q = Quadratic()
+    step = q.step_with_kl(0.005)
+    with pytest.warns(DeprecationWarning, match=r"line_search\(max_constraint=...\)"):
+        old = line_search(q.objective, q.kl, q.theta0, step, max_constraint=0.01)
+    new = line_search(q.objective, q.kl, q.theta0, step, delta=0.01)
+    assert torch.equal(old.theta, new.theta) and int(old.tries) == int(new.tries)
+    with pytest.raises(TypeError, match="missing required argument 'delta'"):
+        line_search(q.objective, q.kl, q.theta0, step)
+
+
+def test_natural_step_errors_name_g_not_b() -> None:
+    # Issue 13 item 18: the message names what the user passed.
+    with pytest.raises(ValueError, match="^g contains NaN"):
+        natural_step(torch.tensor([1.0, math.nan], dtype=F64), torch.eye(2, dtype=F64), 0.01)
+    with pytest.raises(ValueError, match="A has shape \\(3, 3\\), expected \\(2, 2\\) to match g"):
+        natural_step(torch.ones(2, dtype=F64), torch.eye(3, dtype=F64), 0.01)
+    with pytest.raises(ValueError, match="A has dtype torch.float32 but g has dtype"):
+        natural_step(torch.ones(2, dtype=F64), torch.eye(2), 0.01)
+
+
+def test_natural_step_status_message_and_raise() -> None:
+    g = torch.ones(2, dtype=F64)
+    ok = natural_step(g, torch.eye(2, dtype=F64), 0.01)
+    assert ok.success and ok.raise_if_failed() is ok and "boundary" in ok.message
+    zero = natural_step(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64), 0.01)
+    assert zero.status is StepStatus.ZERO_GRADIENT and zero.success
+    bad = natural_step(g, -torch.eye(2, dtype=F64), 0.01)
+    assert not bad.success
+    # The step's advice, then CG's own diagnosis with its numbers.
+    assert bad.message.startswith(StepStatus.NON_POSITIVE_CURVATURE.message)
+    assert "CG breakdown after 0 iterations: pᴴ(A + λI)p = -2" in bad.message
+    with pytest.raises(SolverError, match="add damping") as info:
+        bad.raise_if_failed()
+    assert info.value.result is bad
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_line_search_status_says_why_nothing_was_accepted(batched: bool) -> None:
+    q = Quadratic()
+    up = q.step_with_kl(0.005)
+
+    def run(step: Tensor, objective=None, constraint=None, **kw) -> LineSearchResult:
+        f = objective or q.objective
+        c = constraint or q.kl
+        if batched:
+            f, c = torch.func.vmap(f), torch.func.vmap(c)
+        return line_search(f, c, q.theta0, step, delta=0.01, batched=batched, **kw)
+
+    accepted = run(up)
+    assert accepted.status is LineSearchStatus.ACCEPTED and accepted.success
+    downhill = run(-up, max_tries=4)
+    assert downhill.status is LineSearchStatus.NO_IMPROVEMENT and not downhill.success
+    too_far = run(q.step_with_kl(100.0), max_tries=3)  # KL of the smallest: 100·0.8⁴ > δ
+    assert too_far.status is LineSearchStatus.CONSTRAINT_VIOLATED
+    assert "smallest candidate violated" in too_far.message
+    nan = run(up, objective=lambda th: q.objective(th) * math.nan, max_tries=2)
+    assert nan.status is LineSearchStatus.NON_FINITE
+    with pytest.raises(SolverError, match="NaN/inf objective"):
+        nan.raise_if_failed()
+    for res in (downhill, too_far, nan):
+        assert not bool(res.accepted) and torch.equal(res.theta, q.theta0)
+
+
+def test_batched_line_search_status_never_syncs() -> None:
+    q = Quadratic()
+    step = -q.step_with_kl(0.005)
+    with _NoHostSync():
+        res = line_search(
+            torch.func.vmap(q.objective),
+            torch.func.vmap(q.kl),
+            q.theta0,
+            step,
+            delta=0.01,
+            batched=True,
+        )
+    assert res.status is LineSearchStatus.NO_IMPROVEMENT
