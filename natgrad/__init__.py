@@ -5,7 +5,8 @@
 * :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators via ``torch.func``.
 * :mod:`natgrad.cg`: :class:`CG` (settings as a value), :func:`cg_solve` -> :class:`CGResult`.
 * :mod:`natgrad.status`: the one status mechanism (:class:`Status`, :class:`SolverError`).
-* :mod:`natgrad.trust_region`: :func:`natural_step`, :func:`line_search`.
+* :mod:`natgrad.trust_region`: :func:`natural_step`.
+* :mod:`natgrad.line_search`: :func:`line_search`.
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
 
 natgrad knows nothing of reinforcement learning: any model and any loss can use it.
@@ -21,17 +22,11 @@ from natgrad.curvature import (
     hessian_operator,
     kl_hessian_operator,
 )
+from natgrad.line_search import LineSearchResult, LineSearchStatus, line_search
 from natgrad.linop import LinearOperator
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.status import ResultStatus, SolverError, Status
-from natgrad.trust_region import (
-    LineSearchResult,
-    LineSearchStatus,
-    NaturalStep,
-    StepStatus,
-    line_search,
-    natural_step,
-)
+from natgrad.trust_region import NaturalStep, StepStatus, natural_step
 
 __version__ = "0.1.0"
 
