@@ -6,13 +6,14 @@
 * :mod:`natgrad.cg`: :class:`CG` (settings as a value), :func:`cg_solve` -> :class:`CGResult`.
 * :mod:`natgrad.status`: the one status mechanism (:class:`Status`, :class:`SolverError`).
 * :mod:`natgrad.trust_region`: :func:`natural_step`.
-* :mod:`natgrad.line_search`: :func:`line_search`.
+* :mod:`natgrad.backtracking`: :func:`line_search`.
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
 
 natgrad knows nothing of reinforcement learning: any model and any loss can use it.
 """
 
 from natgrad import distributed
+from natgrad.backtracking import LineSearchResult, LineSearchStatus, line_search
 from natgrad.cg import CG, CGError, CGIterate, CGResult, CGStatus, cg_solve
 from natgrad.curvature import (
     FAMILIES,
@@ -22,7 +23,6 @@ from natgrad.curvature import (
     hessian_operator,
     kl_hessian_operator,
 )
-from natgrad.line_search import LineSearchResult, LineSearchStatus, line_search
 from natgrad.linop import LinearOperator
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.status import ResultStatus, SolverError, Status

@@ -6,7 +6,7 @@ step lies along the natural gradient ``s = H⁻¹g`` and is scaled to the bounda
 the damped operator ``H + λI`` and scales with ``sᵀ(H + λI)s`` (the same
 operator CG solved with, as the peer implementations do), so that
 ``½ Δθᵀ(H + λI)Δθ = δ`` exactly. Because the model is only quadratic,
-:func:`~natgrad.line_search.line_search` (its own module, re-exported here) then
+:func:`~natgrad.backtracking.line_search` (its own module, re-exported here) then
 backtracks ``θ_old + shrinkᵏ Δθ`` until the true objective improves and the true
 constraint (mean KL) holds.
 
@@ -28,14 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from natgrad.cg import CG, CGResult, CGStatus
-from natgrad.line_search import (  # re-exported: natgrad.trust_region.line_search keeps working
+from natgrad.backtracking import (  # re-exported: natgrad.trust_region.line_search keeps working
     LineSearchResult,
     LineSearchStatus,
     check_delta,
     line_search,
     renamed,
 )
+from natgrad.cg import CG, CGResult, CGStatus
 from natgrad.status import ResultStatus, Status
 
 __all__ = [

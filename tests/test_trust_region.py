@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import natgrad.line_search
+import natgrad.backtracking
 import natgrad.trust_region
 from natgrad.cg import CG, CGStatus
 from natgrad.status import SolverError
@@ -424,7 +424,7 @@ def test_batched_wrong_output_shape_raises() -> None:
         line_search(lambda th: th.sum(), q.kl, q.theta0, q.theta0, delta=0.1, batched=True)
 
 
-@pytest.mark.parametrize("module", [natgrad.trust_region, natgrad.line_search])
+@pytest.mark.parametrize("module", [natgrad.trust_region, natgrad.backtracking])
 def test_module_docstring_examples(module) -> None:
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
