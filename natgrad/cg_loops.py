@@ -236,6 +236,22 @@ def _initial(
     return x, torch.where(zero_b, 0.0, r0), mv
 
 
+def _start(
+    b: Tensor, x: Tensor, rnorm: Tensor, rz: Tensor, stop: Tensor, has_m: bool
+) -> tuple[Tensor, Tensor]:
+    """Per-column status code and running mask before the first iteration."""
+    finite = _allfinite(b) & _allfinite(x) & torch.isfinite(rnorm) & torch.isfinite(rz)
+    done = finite & (rnorm <= stop)
+    # Without M, rᴴr == 0 with ‖r‖ > stop can only be underflow: treat as converged.
+    indefinite = finite & ~done & (rz <= 0)
+    code = torch.full(rnorm.shape, CODE["MAX_ITERATIONS"], dtype=torch.int8, device=b.device)
+    code = torch.where(~finite, CODE["NON_FINITE"], code)
+    code = torch.where(done, CODE["CONVERGED"], code)
+    bad_rz = CODE["INDEFINITE_PRECONDITIONER"] if has_m else CODE["CONVERGED"]
+    code = torch.where(indefinite, bad_rz, code)
+    return code, finite & ~done & ~indefinite
+
+
 def block_cg(
     matvec: Matvec,
     precond: Matvec | None,
@@ -264,15 +280,7 @@ def block_cg(
     rnorm = torch.linalg.vector_norm(r, dim=0)
     z = r if precond is None else precond(r)
     rz = _dot(r, z)
-    finite = _allfinite(b) & _allfinite(x) & torch.isfinite(rnorm) & torch.isfinite(rz)
-    done = finite & (rnorm <= stop)
-    # Without M, rᴴr == 0 with ‖r‖ > stop can only be underflow: treat as converged.
-    indefinite = finite & ~done & (rz <= 0)
-    code = torch.full(rnorm.shape, CODE["MAX_ITERATIONS"], dtype=torch.int8, device=b.device)
-    code = torch.where(~finite, nonfinite, code)
-    code = torch.where(done, conv, code)
-    code = torch.where(indefinite, conv if precond is None else bad_m, code)
-    active = finite & ~done & ~indefinite
+    code, active = _start(b, x, rnorm, rz, stop, precond is not None)
     p = z.clone() if z is r else z
     iterations = torch.zeros(rnorm.shape, dtype=torch.int64, device=b.device)
     direction = torch.zeros_like(b)
