@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
@@ -264,11 +265,11 @@ class CG:
         object.__setattr__(self, "rtol", _check_tolerance("rtol", self.rtol))
         object.__setattr__(self, "atol", _check_tolerance("atol", self.atol))
         m = self.maxiter
-        if m is not None and (isinstance(m, bool) or not isinstance(m, Real) or m != int(m)):
-            raise ValueError(f"maxiter must be an int >= 1 or None, got {m!r}")
-        if m is not None and m < 1:
-            raise ValueError(f"maxiter must be an int >= 1 or None, got {m!r}")
         if m is not None:
+            if isinstance(m, bool) or not isinstance(m, Real) or not 1 <= m < math.inf:
+                raise ValueError(f"maxiter must be an int >= 1 or None, got {m!r}")
+            if m != int(m):
+                raise ValueError(f"maxiter must be an int >= 1 or None, got {m!r}")
             object.__setattr__(self, "maxiter", int(m))
 
     @property
@@ -296,7 +297,9 @@ class CG:
         precond = None if self.M is None else as_matvec(self.M, b, "M", b_name)
         fixed = self.fixed_iterations
         bnorm = torch.linalg.vector_norm(b, dim=0)
-        tol = torch.clamp(self.rtol * bnorm, min=self.atol)
+        # inf·0 (rtol = inf, b = 0) is NaN: the tolerance of a zero column is atol.
+        rel = torch.nan_to_num(self.rtol * bnorm, nan=0.0, posinf=math.inf)
+        tol = torch.clamp(rel, min=self.atol)
         if fixed:
             run = block_cg(matvec, precond, b, x0, bnorm, tol, maxiter, self.callback, True)
         elif b.ndim == 1 and b.device.type == "cpu":
