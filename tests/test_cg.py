@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -773,3 +775,10 @@ def test_matvec_module_docstring_examples_and_one_damping() -> None:
     torch.testing.assert_close(damped(v), (A + 0.25 * torch.eye(4, dtype=F64)) @ v)
     with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
         natgrad.matvec.damp(lambda u: u, float("nan"))
+
+
+def test_import_natgrad_does_not_load_scipy() -> None:
+    # scipy.sparse costs ~0.5 s of import; as_matvec recognises scipy objects without it.
+    code = "import sys, natgrad; print('scipy.sparse' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
