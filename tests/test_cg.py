@@ -782,3 +782,27 @@ def test_import_natgrad_does_not_load_scipy() -> None:
     code = "import sys, natgrad; print('scipy.sparse' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 8),
+    k=st.integers(0, 2),
+    seed=st.integers(0, 2**31 - 1),
+    fixed=st.booleans(),
+    jacobi=st.booleans(),
+)
+def test_random_hermitian_matches_solve(
+    n: int, k: int, seed: int, fixed: bool, jacobi: bool
+) -> None:
+    A = _hermitian(n, torch.complex128, seed)
+    g = _gen(seed + 1)
+    shape = (n,) if k == 0 else (n, k)
+    b = torch.complex(
+        torch.randn(shape, dtype=F64, generator=g), torch.randn(shape, dtype=F64, generator=g)
+    )
+    d = torch.diagonal(A).real.to(A.dtype)
+    M = (lambda r: r / (d if r.ndim == 1 else d[:, None])) if jacobi else None
+    res = cg_solve(A, b, rtol=0.0 if fixed else 1e-11, maxiter=4 * n, M=M)
+    assert res.success
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=0, atol=1e-8)
