@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # After the path set-up above (run as a script from anywhere): hence E402.
 from bench_problems import make_policy_problem, make_trpo_problem  # noqa: E402
 
-from natgrad.cg import cg_solve  # noqa: E402
+from natgrad.cg import CG, cg_solve  # noqa: E402
 from natgrad.curvature import fisher_operator  # noqa: E402
 from natgrad.distributed import LOCAL  # noqa: E402
 from natgrad.mlp import FlatMLP, fused_adam_available  # noqa: E402
@@ -95,9 +95,8 @@ def _step_no_sync() -> str:
     _, g = flat_grad(p.surrogate, p.params)
     with _NoSync():
         op = fisher_operator(p.dist, p.params, p.obs, family="diag_gaussian")
-        st = natural_step(
-            g, op, 0.01, damping=0.1, rtol=0.0, atol=0.0, maxiter=15, check_finite=False
-        )
+        solver = CG(rtol=0.0, maxiter=15, check_finite=False)
+        st = natural_step(g, op, 0.01, damping=0.1, solver=solver)
         vf = torch.func.vmap(lambda th: p.surrogate(space.unravel(th)))
         vc = torch.func.vmap(lambda th: p.mean_kl(space.unravel(th), p.obs))
         res = line_search(
@@ -105,7 +104,7 @@ def _step_no_sync() -> str:
             vc,
             theta,
             st.step,
-            max_constraint=0.01,
+            delta=0.01,
             expected_improvement=st.expected_improvement,
             batched=True,
         )

@@ -16,12 +16,12 @@ import scipy.sparse.linalg
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from no_host_sync import NoHostSync
 from torch import Tensor
 
 import natgrad.cg
 import natgrad.matvec
 from natgrad.cg import CG, CGError, CGIterate, CGStatus, cg_solve
+from natgrad.cuda_graph import NoHostSync
 from natgrad.status import SolverError
 
 F64 = torch.float64

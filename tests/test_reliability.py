@@ -51,7 +51,7 @@ from trpo.config import TRPOConfig, load_config, save_config
 from trpo.logger import STEP_COLUMN, is_timing_key, read_metrics
 from trpo.policy import make_actor
 from trpo.train import TrainingError, train
-from trpo.update import PolicyBatch, policy_step
+from trpo.update import PolicyBatch, PolicyStepSettings, policy_step
 
 # `trpo.train` is also the name of the function the package re-exports: get the module.
 train_module = importlib.import_module("trpo.train")
@@ -580,7 +580,7 @@ def test_degenerate_policy_step_is_a_finite_no_op(monkeypatch, case):
     if case == "no_acceptable_point":  # demand 10⁶× the linear model's gain
         kwargs["line_search_accept_ratio"] = 1e6
     before = copy.deepcopy(actor.state_dict())
-    result = policy_step(actor, batch, **kwargs)
+    result = policy_step(actor, batch, PolicyStepSettings(**kwargs))
     expected_status = {
         "zero_advantages": "ZERO_GRADIENT",
         "negative_curvature": "NON_POSITIVE_CURVATURE",

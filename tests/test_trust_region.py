@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from no_host_sync import NoHostSync
 from torch import Tensor
 
 import natgrad.backtracking
 import natgrad.trust_region
 from natgrad.cg import CG, CGStatus
+from natgrad.cuda_graph import NoHostSync
 from natgrad.status import SolverError
 from natgrad.trust_region import (
     LineSearchResult,

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from natgrad import cuda_graph
+from natgrad.cg import CG
 from natgrad.curvature import fisher_operator
 from natgrad.distributed import LOCAL, Reducer
 from natgrad.families import DistParams, entropy, kl_divergence, log_prob
@@ -299,10 +300,9 @@ def policy_step_tensors(
         H,
         settings.max_kl,
         damping=settings.cg_damping,
-        maxiter=settings.cg_iters,
-        rtol=settings.cg_rtol,
-        atol=0.0,
-        check_finite=False,
+        # check_finite=False: a non-finite g or product becomes a NON_FINITE zero step on the
+        # device, where raising would need a host sync.
+        solver=CG(rtol=settings.cg_rtol, maxiter=settings.cg_iters, check_finite=False),
     )
 
     # (5) Backtracking line search on the exact surrogate and the exact mean KL.
@@ -443,7 +443,7 @@ def _line_search(
             lambda theta: pair(theta)[1],
             theta_old,
             step.step,
-            max_constraint=settings.max_kl,
+            delta=settings.max_kl,
             expected_improvement=step.expected_improvement,
             shrink=settings.line_search_shrink,
             max_tries=settings.line_search_max_tries,
