@@ -86,7 +86,7 @@ def settings_for(env_id: str, mode: str, vec: str = "auto") -> dict[str, Any]:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     settings = dict(SB3_DEFAULTS)
     if mode == "preset":
-        from trpo.config import PRESETS
+        from trpo.presets import PRESETS
 
         preset = dict(PRESETS.get(env_id, {}))
         settings.update({k: v for k, v in preset.items() if k in SB3_DEFAULTS})

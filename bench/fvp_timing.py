@@ -7,7 +7,8 @@ policy of MuJoCo tasks), the cost of:
   (the unit);
 * ``natgrad.curvature.fisher_operator`` (closed-form ``JᵀF_outJ``, cached
   linearisation): its set-up, and one matvec after set-up, for each
-  ``linearization``;
+  ``linearization``, and for ``"custom"``: the written-out tanh-MLP products of
+  ``natgrad.mlp.mlp_dist_fn`` (what the TRPO actor uses);
 * ``natgrad.curvature.kl_hessian_operator`` (double backprop of the mean KL, the
   seed notes' / SB3's recipe): its set-up (the ``create_graph`` gradient) and one
   matvec.
@@ -31,6 +32,7 @@ import torch
 from torch.func import functional_call
 
 from natgrad.curvature import LINEARIZATIONS, fisher_operator, kl_hessian_operator
+from natgrad.mlp import mlp_dist_fn
 from natgrad.params import ParamSpace, flat_grad
 
 
@@ -117,9 +119,12 @@ def main() -> None:
     space = ParamSpace(params)
     v = torch.randn(space.numel, dtype=dtype, generator=gen)
 
+    # The same policy through natgrad.mlp: hand-written J, Jᵀ ("custom" linearisation).
+    written_out = mlp_dist_fn(net, family="diag_gaussian", log_std="log_std")
+    dist_fns = {lin: dist for lin in LINEARIZATIONS} | {"custom": written_out}
     ops = {
-        lin: fisher_operator(dist, params, obs, family="diag_gaussian", linearization=lin)
-        for lin in LINEARIZATIONS
+        lin: fisher_operator(fn, params, obs, family="diag_gaussian", linearization=lin)
+        for lin, fn in dist_fns.items()
     }
     kl_op = kl_hessian_operator(mean_kl, params, obs)
     fns: dict[str, Callable[[], object]] = {
@@ -127,7 +132,7 @@ def main() -> None:
     }
     for lin, op in ops.items():
         fns[f"fisher_operator[{lin}] set-up"] = lambda lin=lin: fisher_operator(
-            dist, params, obs, family="diag_gaussian", linearization=lin
+            dist_fns[lin], params, obs, family="diag_gaussian", linearization=lin
         )
         fns[f"fisher_operator[{lin}] matvec"] = lambda op=op: op @ v
     fns["kl_hessian_operator set-up"] = lambda: kl_hessian_operator(mean_kl, params, obs)

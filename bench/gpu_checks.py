@@ -3,7 +3,7 @@
 ``python bench/gpu_checks.py --json OUT.json`` runs each check on CUDA and records PASS/FAIL:
 
 * fixed-iteration CG, the natural step, the batched line search, the whole
-  ``policy_step_tensors`` and the critic's minibatch loop run under
+  ``policy_step_tensors`` and the critic's fused epochs run under
   ``torch.cuda.set_sync_debug_mode("error")`` (any host sync raises);
 * the policy step on CUDA equals the CPU step (float64);
 * the CUDA-graph policy step and critic fit equal the eager ones over several updates;
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +32,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# After the path set-up above (run as a script from anywhere): hence E402.
+from bench_problems import make_policy_problem, make_trpo_problem  # noqa: E402
+
+from natgrad.cg import CG, cg_solve  # noqa: E402
+from natgrad.curvature import fisher_operator  # noqa: E402
+from natgrad.distributed import LOCAL  # noqa: E402
+from natgrad.mlp import FlatMLP, fused_adam_available  # noqa: E402
+from natgrad.params import ParamSpace, flat_grad  # noqa: E402
+from natgrad.trust_region import line_search, natural_step  # noqa: E402
+from trpo.critic import CriticSettings, _epochs, _FusedTrainer, fit_critic  # noqa: E402
+from trpo.presets import config_for  # noqa: E402
+from trpo.train import train  # noqa: E402
+from trpo.update import PolicyBatch, PolicyStepSettings, policy_step, policy_step_tensors  # noqa: E402
+
+STEP = PolicyStepSettings(max_kl=0.01, cg_iters=15, cg_damping=0.1)
 
 CHECKS: list[tuple[str, Callable[[], str]]] = []
 
@@ -55,17 +72,11 @@ class _NoSync:
 
 
 def _problem(case: str = "cheetah@25k"):
-    from bench_problems import make_policy_problem
-
     return make_policy_problem(case, "cuda")
 
 
 @check("cg_solve fixed 10 iterations: no host sync")
 def _cg_no_sync() -> str:
-    from natgrad.cg import cg_solve
-    from natgrad.curvature import fisher_operator
-    from natgrad.params import flat_grad
-
     p = _problem()
     op = fisher_operator(p.dist, p.params, p.obs, family="diag_gaussian")
     _, g = flat_grad(p.surrogate, p.params)
@@ -78,19 +89,14 @@ def _cg_no_sync() -> str:
 
 @check("fisher set-up + natural_step + batched line_search: no host sync")
 def _step_no_sync() -> str:
-    from natgrad.curvature import fisher_operator
-    from natgrad.params import ParamSpace, flat_grad
-    from natgrad.trust_region import line_search, natural_step
-
     p = _problem()
     space = ParamSpace(p.params)
     theta = space.ravel(p.params)
     _, g = flat_grad(p.surrogate, p.params)
     with _NoSync():
         op = fisher_operator(p.dist, p.params, p.obs, family="diag_gaussian")
-        st = natural_step(
-            g, op, 0.01, damping=0.1, rtol=0.0, atol=0.0, maxiter=15, check_finite=False
-        )
+        solver = CG(rtol=0.0, maxiter=15, check_finite=False)
+        st = natural_step(g, op, 0.01, damping=0.1, solver=solver)
         vf = torch.func.vmap(lambda th: p.surrogate(space.unravel(th)))
         vc = torch.func.vmap(lambda th: p.mean_kl(space.unravel(th), p.obs))
         res = line_search(
@@ -98,50 +104,41 @@ def _step_no_sync() -> str:
             vc,
             theta,
             st.step,
-            max_constraint=0.01,
+            delta=0.01,
             expected_improvement=st.expected_improvement,
             batched=True,
         )
     return f"accepted={bool(res.accepted)} tries={int(res.tries)} kl={float(res.constraint):.2e}"
 
 
-@check("policy_step_tensors and critic minibatch loop: no host sync")
+@check("policy_step_tensors and critic fused epochs: no host sync")
 def _policy_no_sync() -> str:
-    from bench_problems import make_trpo_problem
-
-    from trpo.fast_critic import _FlatMLP, _minibatch_loop
-    from trpo.update import policy_step_tensors
-
     out = []
     for case in ("hopper@2k", "cheetah@25k"):
         p = make_trpo_problem(case, "cuda")
-        state = _FlatMLP(p.critic, p.optimizer)
+        trainer = _FusedTrainer(FlatMLP(list(p.critic.parameters()), p.optimizer), LOCAL)
         n = p.batch.obs.shape[0]
-        idx = torch.stack([torch.randperm(n) for _ in range(2)]).cuda()
+        perms = torch.stack([torch.randperm(n) for _ in range(2)]).cuda()
+        sizes = [len(s) for s in torch.tensor_split(torch.arange(n), -(-n // 128))]
         # A first step checks the written-out actor forward once (a host read), as the
         # eager warm-up before a CUDA-graph recording does.
-        policy_step_tensors(p.actor, p.batch, max_kl=0.01, cg_iters=15, cg_damping=0.1)
-        with _NoSync():
-            res = policy_step_tensors(p.actor, p.batch, max_kl=0.01, cg_iters=15, cg_damping=0.1)
-            _minibatch_loop(state, p.batch.obs, p.returns, idx, 128)
+        policy_step_tensors(p.actor, p.batch, STEP)
+        with _NoSync(), torch.no_grad():
+            res = policy_step_tensors(p.actor, p.batch, STEP)
+            _epochs(trainer, p.batch.obs, p.returns, perms, sizes, [float(s) for s in sizes])
         out.append(f"{case}: accepted={bool(res.stats[0])}")
     return ", ".join(out)
 
 
 @check("policy_step on CUDA equals CPU (float64)")
 def _cuda_equals_cpu() -> str:
-    from bench_problems import make_trpo_problem
-
-    from trpo.update import policy_step
-
     p = make_trpo_problem("hopper@2k", "cpu")
     actor_cpu = copy.deepcopy(p.actor).double()
     actor_gpu = copy.deepcopy(p.actor).double().cuda()
     batch = type(p.batch)(*(t.double() for t in (p.batch.obs, p.batch.actions, p.batch.advantages)))
     gpu_batch = type(batch)(*(t.cuda() for t in (batch.obs, batch.actions, batch.advantages)))
-    kw = dict(max_kl=0.01, cg_iters=15, cg_damping=0.1)
-    a = policy_step(actor_cpu, batch, **kw)
-    b = policy_step(actor_gpu, gpu_batch, **kw)
+    a = policy_step(actor_cpu, batch, STEP)
+    b = policy_step(actor_gpu, gpu_batch, STEP)
     err = max(
         float((x - y.cpu()).abs().max())
         for x, y in zip(actor_cpu.parameters(), actor_gpu.parameters())
@@ -153,13 +150,9 @@ def _cuda_equals_cpu() -> str:
 
 @check("CUDA-graph policy step equals the eager step (3 updates)")
 def _graphed_policy() -> str:
-    from bench_problems import make_trpo_problem
-
-    from trpo.update import PolicyBatch, policy_step
-
     p = make_trpo_problem("cheetah@25k", "cuda")
     ref = copy.deepcopy(p.actor)
-    kw = dict(max_kl=0.01, cg_iters=15, cg_damping=0.1)
+    graphed = dataclasses.replace(STEP, cuda_graph=True)
     err = 0.0
     for k in range(3):
         gen = torch.Generator(device="cuda").manual_seed(k)
@@ -168,8 +161,8 @@ def _graphed_policy() -> str:
             actions=p.batch.actions,
             advantages=torch.randn(p.batch.advantages.shape, generator=gen, device="cuda"),
         )
-        a = policy_step(p.actor, batch, cuda_graph=True, **kw)
-        b = policy_step(ref, batch, **kw)
+        a = policy_step(p.actor, batch, graphed)
+        b = policy_step(ref, batch, STEP)
         assert a.applied == b.applied, (a, b)
         err = max(
             err,
@@ -181,29 +174,17 @@ def _graphed_policy() -> str:
 
 @check("CUDA-graph critic fit equals the eager fit (3 updates)")
 def _graphed_critic() -> str:
-    from bench_problems import make_trpo_problem
-
-    from trpo.update import fit_critic
-
     p = make_trpo_problem("hopper@2k", "cuda")
     critic, ref = p.critic, copy.deepcopy(p.critic)
     opt = p.optimizer
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
     err = 0.0
     for k in range(3):
-        kw = dict(epochs=10, minibatch_size=128)
-        a = fit_critic(
-            critic,
-            opt,
-            p.batch.obs,
-            p.returns,
-            generator=torch.Generator().manual_seed(k),
-            cuda_graph=True,
-            **kw,
-        )
-        b = fit_critic(
-            ref, ref_opt, p.batch.obs, p.returns, generator=torch.Generator().manual_seed(k), **kw
-        )
+        settings = CriticSettings(epochs=10, minibatch_size=128)
+        graphed = dataclasses.replace(settings, cuda_graph=True)
+        gens = [torch.Generator().manual_seed(k) for _ in range(2)]
+        a = fit_critic(critic, opt, p.batch.obs, p.returns, graphed, generator=gens[0])
+        b = fit_critic(ref, ref_opt, p.batch.obs, p.returns, settings, generator=gens[1])
         err = max(
             err,
             max(float((x - y).abs().max()) for x, y in zip(critic.parameters(), ref.parameters())),
@@ -215,17 +196,12 @@ def _graphed_critic() -> str:
 
 @check("fused Adam kernel on CUDA")
 def _fused() -> str:
-    from trpo.fast_critic import fused_adam_available
-
     assert fused_adam_available(torch.device("cuda"), torch.float32)
     return "torch._fused_adam_ usable"
 
 
 @check("trpo.train: 2 CartPole updates on CUDA")
 def _train_cuda() -> str:
-    from trpo.config import config_for
-    from trpo.train import train
-
     with tempfile.TemporaryDirectory() as runs:
         config = config_for(
             "CartPole-v1",

@@ -4,7 +4,7 @@ iterations, damping 0.1, δ = 0.01, 10 critic epochs of minibatch 128, Adam 1e-3
 
 * ``grad``: one surrogate gradient of the actor (the unit of the summary's ``x grad``);
 * ``fvp_actor``: one product of the Fisher operator ``policy_step`` builds (written-out
-  tanh-MLP products, ``trpo.fast_fisher``);
+  tanh-MLP products, ``natgrad.mlp`` via ``Actor.written_out_dist_fn``);
 * ``policy_step``: gradient, Fisher set-up, 15 CG iterations, step, line search, applied;
 * ``fit_critic``: 10 epochs of minibatch 128;
 * ``update``: both (the update phase of one TRPO iteration; GAE is not included);
@@ -18,18 +18,20 @@ Every round starts from the same parameters and optimiser state (reset outside t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from bench_problems import make_sb3_trpo, make_trpo_problem, median
 
 from natgrad.curvature import fisher_operator
 from natgrad.params import flat_grad
-from trpo.fast_fisher import mlp_dist_fn
-from trpo.policy import log_prob
-from trpo.update import fit_critic, policy_step, surrogate
+from trpo.critic import CriticSettings, fit_critic
+from trpo.policy import entropy, log_prob
+from trpo.update import OldPolicy, PolicyStepSettings, policy_step, surrogate
 
-STEP = dict(max_kl=0.01, cg_iters=15, cg_damping=0.1)
-CRITIC = dict(epochs=10, minibatch_size=128)
+STEP = PolicyStepSettings(max_kl=0.01, cg_iters=15, cg_damping=0.1)
+CRITIC = CriticSettings(epochs=10, minibatch_size=128)
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def problem(case, device):
 
 
 def _policy_step(p, graphed=False):
-    return policy_step(p.actor, p.batch, cuda_graph=graphed, **STEP)
+    return policy_step(p.actor, p.batch, dataclasses.replace(STEP, cuda_graph=graphed))
 
 
 def _fit(p, graphed=False):
@@ -47,9 +49,8 @@ def _fit(p, graphed=False):
         p.optimizer,
         p.batch.obs,
         p.returns,
+        dataclasses.replace(CRITIC, cuda_graph=graphed),
         generator=torch.Generator().manual_seed(0),
-        cuda_graph=graphed,
-        **CRITIC,
     )
 
 
@@ -62,17 +63,24 @@ def test_grad(bench, problem):
     p = problem
     params = {k: v.detach() for k, v in p.actor.named_parameters()}
     with torch.no_grad():
-        mean, log_std = p.actor(p.batch.obs)
-        logp_old = log_prob("diag_gaussian", (mean, log_std), p.batch.actions)
-    bench("grad", lambda: flat_grad(lambda q: surrogate(p.actor, q, p.batch, logp_old), params))
+        dist = tuple(t.clone() for t in p.actor(p.batch.obs))
+        family = "diag_gaussian"
+        old = OldPolicy(
+            family, dist, log_prob(family, dist, p.batch.actions), entropy(family, dist).mean()
+        )
+
+    def loss(q):
+        return surrogate(p.actor.functional_dist_params(q, p.batch.obs), p.batch, old)
+
+    bench("grad", lambda: flat_grad(loss, params))
 
 
 def test_fvp_actor(bench, problem):
-    # The Fisher operator policy_step builds for this actor (trpo.fast_fisher's written-out
+    # The Fisher operator policy_step builds for this actor (natgrad.mlp's written-out
     # products when the actor is the plain tanh MLP), one product.
     p = problem
     params = {k: v.detach() for k, v in p.actor.named_parameters()}
-    fast = mlp_dist_fn(p.actor, params, p.batch.obs)
+    fast = p.actor.written_out_dist_fn(params, p.batch.obs)
     assert fast is not None
     op = fisher_operator(fast, params, p.batch.obs, family="diag_gaussian", linearization="custom")
     v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1)).to(p.device)
@@ -85,12 +93,12 @@ def test_fvp_actor(bench, problem):
 
 def test_policy_step(bench, problem):
     result = bench("policy_step", lambda: _policy_step(problem), setup=problem.reset)
-    assert result.applied and result.cg_iterations == STEP["cg_iters"]
+    assert result.applied and result.cg_iterations == STEP.cg_iters
 
 
 def test_fit_critic(bench, problem):
     result = bench("fit_critic", lambda: _fit(problem), setup=problem.reset)
-    assert result.steps == CRITIC["epochs"] * -(-problem.batch.obs.shape[0] // 128)
+    assert result.steps == CRITIC.epochs * -(-problem.batch.obs.shape[0] // 128)
 
 
 def test_update(bench, problem):
@@ -110,7 +118,7 @@ def test_sb3_train(bench, case, device):
 def test_policy_step_graphed(bench, problem, device):
     _cuda_only(device)
     result = bench("policy_step_graphed", lambda: _policy_step(problem, True), setup=problem.reset)
-    assert result.applied and result.cg_iterations == STEP["cg_iters"]
+    assert result.applied and result.cg_iterations == STEP.cg_iters
 
 
 def test_fit_critic_graphed(bench, problem, device):

@@ -5,15 +5,18 @@
   ``.T``, ``.H``, ``+``, ``*``; dense, to/from scipy).
 * :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators (one batch or a
   dataset), :func:`value_grad_hessian`; one module each (hessian, ggn, fisher).
-* :mod:`natgrad.cg`: :func:`cg_solve` -> :class:`CGResult`.
-* :mod:`natgrad.trust_region`: :func:`natural_step`, :func:`line_search`.
+* :mod:`natgrad.cg`: :class:`CG` (settings as a value), :func:`cg_solve` -> :class:`CGResult`.
+* :mod:`natgrad.status`: the one status mechanism (:class:`Status`, :class:`SolverError`).
+* :mod:`natgrad.trust_region`: :func:`natural_step`.
+* :mod:`natgrad.backtracking`: :func:`line_search`.
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
 
 natgrad knows nothing of reinforcement learning: any model and any loss can use it.
 """
 
 from natgrad import distributed
-from natgrad.cg import CGError, CGIterate, CGResult, CGStatus, cg_solve
+from natgrad.backtracking import LineSearchResult, LineSearchStatus, line_search
+from natgrad.cg import CG, CGError, CGIterate, CGResult, CGStatus, cg_solve
 from natgrad.curvature import (
     FAMILIES,
     HESSIAN_METHODS,
@@ -26,17 +29,13 @@ from natgrad.curvature import (
 )
 from natgrad.linop import LinearOperator
 from natgrad.params import ParamSpace, flat_grad
-from natgrad.trust_region import (
-    LineSearchResult,
-    NaturalStep,
-    StepStatus,
-    line_search,
-    natural_step,
-)
+from natgrad.status import ResultStatus, SolverError, Status
+from natgrad.trust_region import NaturalStep, StepStatus, natural_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CG",
     "FAMILIES",
     "HESSIAN_METHODS",
     "CGError",
@@ -45,9 +44,13 @@ __all__ = [
     "CGStatus",
     "CurvatureOperator",
     "LineSearchResult",
+    "LineSearchStatus",
     "LinearOperator",
     "NaturalStep",
     "ParamSpace",
+    "ResultStatus",
+    "SolverError",
+    "Status",
     "StepStatus",
     "cg_solve",
     "distributed",

@@ -21,11 +21,14 @@ unconditionally (never inside a branch on rank-local data).
 Tensors on the CPU need the gloo backend, CUDA tensors nccl; :func:`init_from_env`
 initialises ``"cpu:gloo,cuda:nccl"`` for CUDA runs so both kinds can be reduced.
 
-Example (every rank runs this; ``fisher`` and ``g`` are rank-local means)::
+A :class:`Reducer` bundles these reductions as one injected value: code that takes a
+``reducer`` (:data:`LOCAL`, the identity, by default) needs no branch on whether it runs
+distributed. Example (every rank runs this; ``fisher`` and ``g`` are rank-local means)::
 
-    w = sample_weight(batch_size_on_this_rank)
-    g = all_reduce_mean(g, weight=w)
-    fisher = all_reduce_operator(fisher, weight=w)
+    reducer = Reducer()                       # LOCAL in a single-process run
+    w = reducer.weight(batch_size_on_this_rank)
+    g = reducer.mean(g, w)
+    fisher = reducer.operator(fisher, w)
     step = natural_step(g, fisher, max_kl, damping=0.1)   # identical on every rank
 """
 
@@ -34,7 +37,8 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,9 +48,10 @@ from torch import Tensor, nn
 from natgrad.linop import LinearOperator
 
 __all__ = [
+    "LOCAL",
     "DivergenceError",
+    "Reducer",
     "all_gather_rows",
-    "all_reduce_function",
     "all_reduce_mean",
     "all_reduce_operator",
     "all_reduce_sum",
@@ -187,28 +192,6 @@ def all_reduce_mean(x: Tensor, *, weight: float | None = None, group: Group = No
     out = x.detach() * w  # a new tensor: the all-reduce below is in place
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
-
-
-def all_reduce_function(
-    fn: Callable[..., Any], *, weight: float | None = None, group: Group = None
-) -> Callable[..., Tensor]:
-    """``fn`` whose (tensor) result is averaged over ranks by :func:`all_reduce_mean`.
-
-    For the line search: ``objective_fn(θ)`` and ``constraint_fn(θ)`` are rank-local means;
-    wrapped, they return the global means, identical on every rank, so every rank accepts
-    the same candidate. Every rank must call the wrapped function the same number of times.
-    Returns ``fn`` itself when not distributed.
-    """
-    if not is_distributed(group):
-        return fn
-
-    def reduced(*args: Any, **kwargs: Any) -> Tensor:
-        out = fn(*args, **kwargs)
-        if not isinstance(out, Tensor):
-            out = torch.as_tensor(out, dtype=torch.float64)
-        return all_reduce_mean(out, weight=weight, group=group)
-
-    return reduced
 
 
 def all_reduce_operator(
@@ -381,6 +364,69 @@ def merge_moments(
     m2 = (var + (mean - global_mean) ** 2) * n
     dist.all_reduce(m2, op=dist.ReduceOp.SUM, group=group)
     return global_mean, m2 / total, total
+
+
+# ---------------------------------------------------------------------------- reducer
+@dataclass(frozen=True)
+class Reducer:
+    """Turns per-process sample means into global ones: the reduction a data-parallel
+    computation is given, instead of branching on whether it runs distributed.
+
+    With ``w_r = n_r / N`` (:meth:`weight`), the global mean of a per-sample quantity is
+    ``Σ_r w_r m_r`` (:meth:`mean`); :meth:`operator` does that to every product of a
+    :class:`LinearOperator` (a Fisher on each process's states), :meth:`sum` and
+    :meth:`sum_gradients` add over processes. :data:`LOCAL` (``enabled=False``) is the
+    identity, and so is every method when :mod:`torch.distributed` is not initialised or has
+    one rank: code written against a reducer runs unchanged in one process. Every process
+    must make the same calls in the same order (each is a collective when active).
+
+    Attributes:
+        enabled: False: the identity everywhere (no collective, even when initialised).
+        group: The process group (None: the default group).
+    """
+
+    enabled: bool = True
+    group: Group = None
+
+    @property
+    def active(self) -> bool:
+        """True iff the methods communicate (enabled, and more than one rank)."""
+        return self.enabled and is_distributed(self.group)
+
+    def weight(self, n_local: int) -> float:
+        """``w_r = n_r / Σ_s n_s`` (1.0 when not active); one all-reduce. See :func:`sample_weight`."""
+        return sample_weight(n_local, group=self.group) if self.enabled else 1.0
+
+    def mean(self, x: Tensor, weight: float) -> Tensor:
+        """``Σ_r w_r x_r`` with ``weight`` = this process's :meth:`weight` (``x`` when not active)."""
+        return all_reduce_mean(x, weight=weight, group=self.group) if self.active else x
+
+    def sum(self, x: Tensor) -> Tensor:
+        """``Σ_r x_r`` (``x`` itself when not active)."""
+        return all_reduce_sum(x, group=self.group) if self.active else x
+
+    def operator(self, op: Any, weight: float) -> Any:
+        """``v -> Σ_r w_r (A_r v)`` (``op`` itself when not active). See :func:`all_reduce_operator`."""
+        return all_reduce_operator(op, weight=weight, group=self.group) if self.active else op
+
+    def sum_gradients(self, params: nn.Module | Iterable[Tensor]) -> None:
+        """Replace every ``p.grad`` by ``Σ_r p.grad_r`` (for losses already divided by a
+        global count); nothing when not active."""
+        if self.active:
+            average_gradients(params, weight=1.0, group=self.group)
+
+    def all(self, flag: bool) -> bool:
+        """True on every process iff ``flag`` is True on every process (one all-reduce)."""
+        if not self.active:
+            return bool(flag)
+        ok = all_reduce_sum(
+            torch.tensor([float(bool(flag))], dtype=torch.float64), group=self.group
+        )
+        return int(ok[0]) == get_world_size(self.group)
+
+
+LOCAL = Reducer(enabled=False)
+"""The identity :class:`Reducer`: one process, every method returns its input."""
 
 
 # ------------------------------------------------------------------------ agreement

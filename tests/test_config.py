@@ -1,4 +1,4 @@
-"""Tests of trpo.config: validation, presets, CLI layering, JSON round trip, memory budget."""
+"""Tests of trpo.config: validation, given fields and resume merging, JSON round trip, run names."""
 
 from __future__ import annotations
 
@@ -6,27 +6,23 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import re
+import pickle
 
 import pytest
+import torch
 
 from trpo.config import (
-    PRESETS,
-    MemoryBudgetError,
+    FIXED_ON_RESUME,
     TRPOConfig,
-    available_memory_bytes,
     check_env_id,
-    check_memory,
-    config_for,
     default_run_name,
-    estimate_rollout_bytes,
     load_config,
-    parse_cli,
+    resume_config,
     save_config,
 )
+from trpo.presets import config_for
 
 FIELDS = [f.name for f in dataclasses.fields(TRPOConfig)]
-MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -74,6 +70,9 @@ INVALID = [
     ("env_id", ""),
     ("run_name", "a/b"),
     ("run_name", ""),
+    ("run_name", "."),
+    ("run_name", ".."),
+    ("run_name", "../x"),
     ("memory_limit_gb", 0.0),
     ("normalize_obs", "yes"),
     ("log_std_init", math.nan),
@@ -122,175 +121,15 @@ def test_config_is_frozen_and_replace_revalidates():
         dataclasses.replace(cfg, gamma=2.0)
 
 
-def test_derived_sizes():
-    cfg = TRPOConfig(n_envs=2, n_steps=512, total_steps=100_000)
-    assert cfg.batch_size == 1024
-    assert cfg.num_updates == 98  # ceil(100000 / 1024)
-    assert TRPOConfig(n_envs=1, n_steps=10, total_steps=30).num_updates == 3
+def test_batch_size():
+    assert TRPOConfig(n_envs=2, n_steps=512).batch_size == 1024
 
 
 def test_torch_dtype_and_device():
-    import torch
-
     assert TRPOConfig(dtype="float64").torch_dtype() is torch.float64
     assert TRPOConfig().torch_device() == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert TRPOConfig(device="auto").torch_device().type == expected
-
-
-# --- presets ------------------------------------------------------------------------------------
-def test_presets_cover_the_issue_envs_and_only_name_fields():
-    assert set(PRESETS) >= {"CartPole-v1", "Pendulum-v1", *MUJOCO}
-    for env_id, preset in PRESETS.items():
-        assert set(preset) <= set(FIELDS), env_id
-        cfg = config_for(env_id)
-        for k, v in preset.items():
-            assert getattr(cfg, k) == v
-
-
-@pytest.mark.parametrize("env_id", MUJOCO)
-def test_mujoco_presets_match_the_issue(env_id):
-    cfg = config_for(env_id)
-    assert (cfg.n_envs, cfg.n_steps, cfg.cg_iters, cfg.cg_damping) == (2, 1024, 25, 0.1)
-    assert (cfg.critic_epochs, cfg.critic_lr, cfg.gae_lambda) == (20, 1e-3, 0.95)
-    assert cfg.normalize_obs and cfg.total_steps == 1_000_000
-    assert cfg.max_kl == (0.04 if env_id == "HalfCheetah-v5" else 0.01)
-
-
-def test_presets_are_read_only():
-    with pytest.raises(TypeError):
-        PRESETS["CartPole-v1"]["max_kl"] = 1.0  # type: ignore[index]
-    with pytest.raises(TypeError):
-        PRESETS["Foo-v0"] = {}  # type: ignore[index]
-
-
-def test_config_for_layers_defaults_preset_overrides():
-    cfg = config_for("Hopper-v5", cg_iters=7, seed=3)
-    assert cfg.env_id == "Hopper-v5"
-    assert cfg.cg_iters == 7 and cfg.seed == 3  # override beats preset and default
-    assert cfg.n_steps == 1024  # preset beats default
-    assert cfg.line_search_shrink == TRPOConfig().line_search_shrink  # default kept
-    other = config_for("MountainCar-v0")  # no preset: the dataclass defaults
-    assert dataclasses.replace(other, env_id="CartPole-v1") == TRPOConfig()
-    with pytest.raises(ValueError, match="unknown TRPOConfig field.*max_kll"):
-        config_for("Hopper-v5", max_kll=0.1)
-    with pytest.raises(ValueError, match="^max_kl must"):
-        config_for("Hopper-v5", max_kl=-1.0)
-
-
-# --- CLI ----------------------------------------------------------------------------------------
-def test_cli_without_arguments_is_the_cartpole_preset():
-    assert parse_cli([]) == config_for("CartPole-v1")
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--env", "Hopper-v5", "--cg-iters", "7"],
-        ["--env-id", "Hopper-v5", "--cg-iters", "7"],
-        ["--cg-iters", "7", "--env=Hopper-v5"],
-        ["--cg_iters", "7", "--env_id", "Hopper-v5"],
-        ["--env", "CartPole-v1", "--cg-iters", "7", "--env-id", "Hopper-v5"],  # last wins
-    ],
-)
-def test_cli_typed_flags_override_the_preset_of_the_chosen_env(argv):
-    assert parse_cli(argv) == config_for("Hopper-v5", cg_iters=7)
-
-
-def test_cli_types_tuples_bools_optionals():
-    cfg = parse_cli(
-        [
-            "--env",
-            "Hopper-v5",
-            "--hidden-sizes",
-            "32",
-            "16",
-            "--no-normalize-obs",
-            "--run-name",
-            "x1",
-            "--memory-limit-gb",
-            "2.5",
-            "--dtype",
-            "float64",
-        ]
-    )
-    assert cfg.hidden_sizes == (32, 16)
-    assert cfg.normalize_obs is False  # preset says True; the typed flag wins
-    assert cfg.normalize_reward is True
-    assert (cfg.run_name, cfg.memory_limit_gb, cfg.dtype) == ("x1", 2.5, "float64")
-
-
-@pytest.mark.parametrize(
-    ("argv", "field"),
-    [
-        (["--max-kl", "0"], "max_kl"),
-        (["--gamma", "1.5"], "gamma"),
-        (["--n-envs", "0"], "n_envs"),
-        (["--gae-lambda", "2"], "gae_lambda"),
-    ],
-)
-def test_cli_invalid_value_exits_naming_the_field(argv, field, capsys):
-    with pytest.raises(SystemExit) as exc:
-        parse_cli(argv)
-    assert exc.value.code == 2
-    assert f"{field} must" in re.sub(r"[\s│]+", " ", capsys.readouterr().err)
-
-
-def _help_blocks(argv, capsys, monkeypatch) -> dict[str, str]:
-    """Flag → its help text, from ``--help`` rendered 250 columns wide."""
-    monkeypatch.setenv("COLUMNS", "250")
-    with pytest.raises(SystemExit) as exc:
-        parse_cli([*argv, "--help"])
-    assert exc.value.code == 0
-    blocks: dict[str, str] = {}
-    flags: list[str] = []
-    for line in capsys.readouterr().out.splitlines():
-        text = line.strip("│ \t")
-        if text.startswith("-"):  # a new option: "--a STR, --b STR   help..."
-            flags = re.findall(r"--[\w-]+", text.split("  ")[0])
-        for f in flags:
-            blocks[f] = blocks.get(f, "") + " " + text
-    return blocks
-
-
-def test_help_lists_every_field_with_its_default(capsys, monkeypatch):
-    blocks = _help_blocks([], capsys, monkeypatch)
-    defaults = config_for("CartPole-v1")
-    for name in FIELDS:
-        flag = "--" + name.replace("_", "-")
-        assert flag in blocks, f"{flag} missing from --help"
-        value = getattr(defaults, name)
-        shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        assert f"(default: {shown})" in blocks[flag], f"{flag}: {blocks[flag]}"
-    assert blocks["--env"] == blocks["--env-id"]  # one option with two names
-
-
-def test_help_shows_the_preset_of_the_chosen_env(capsys, monkeypatch):
-    assert (
-        "(default: 25)" in _help_blocks(["--env", "Hopper-v5"], capsys, monkeypatch)["--cg-iters"]
-    )
-    default = config_for("CartPole-v1").cg_iters
-    assert f"(default: {default})" in _help_blocks([], capsys, monkeypatch)["--cg-iters"]
-
-
-def test_cli_resume_uses_the_saved_config_under_typed_flags(tmp_path):
-    saved = config_for("Pendulum-v1", total_steps=4096, seed=7, run_name="pend")
-    run_dir = tmp_path / "pend"
-    save_config(saved, run_dir)
-    cfg = parse_cli(["--resume", str(run_dir), "--total-steps", "8192"])
-    assert cfg == dataclasses.replace(saved, total_steps=8192, resume=str(run_dir))
-    assert cfg.run_dir == run_dir
-    assert parse_cli(["--resume", str(run_dir), "--env", "Pendulum-v1"]).seed == 7
-
-
-def test_cli_resume_errors(tmp_path, capsys):
-    save_config(config_for("Pendulum-v1"), tmp_path / "r")
-    with pytest.raises(SystemExit) as exc:
-        parse_cli(["--resume", str(tmp_path / "r"), "--env", "CartPole-v1"])
-    assert exc.value.code == 2 and "Pendulum-v1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse_cli(["--resume", str(tmp_path / "missing")])
-    assert "config.json" in capsys.readouterr().err
 
 
 # --- persistence and run names -----------------------------------------------------------------
@@ -341,36 +180,74 @@ def test_check_env_id():
         check_env_id("CartPol-v1")
 
 
-# --- memory budget ------------------------------------------------------------------------------
-def test_estimate_rollout_bytes_by_hand():
-    cfg = TRPOConfig(n_envs=2, n_steps=10, hidden_sizes=(3,), dtype="float64", fvp_fraction=0.5)
-    # B = 20, B_f = 10, b = 8, W_a = 4 + 3 + 2 = 9, W_c = 4 + 3 + 1 = 8
-    rollout = 20 * (2 * 4 + 3 * 2 + 8) * 8  # 3520
-    update = (2 * 20 * 9 + 4 * 10 * 9 + 2 * 20 * 8) * 8  # 8320
-    assert estimate_rollout_bytes(cfg, obs_dim=4, act_dim=2) == 1.5 * (rollout + update) == 17760
-    half = estimate_rollout_bytes(dataclasses.replace(cfg, dtype="float32"), 4, 2)
-    assert half == 17760 // 2
-    with pytest.raises(ValueError, match="obs_dim"):
-        estimate_rollout_bytes(cfg, 0, 2)
+# --- given fields and resume merging ----------------------------------------------------------
+def test_given_fields_are_the_constructor_arguments():
+    assert TRPOConfig().given_fields == frozenset()
+    cfg = TRPOConfig(critic_epochs=10, seed=3)  # 10 is the default: still given
+    assert cfg.given_fields == {"critic_epochs", "seed"}
+    assert TRPOConfig("Pendulum-v1", 500).given_fields == {"env_id", "total_steps"}
+    # They survive pickling (the distributed broadcast) and copies, and do not change equality.
+    assert pickle.loads(pickle.dumps(cfg)).given_fields == cfg.given_fields
+    assert cfg == TRPOConfig(seed=3)
+    assert dataclasses.replace(cfg, seed=4).given_fields == set(FIELDS)  # replace passes all
+    assert cfg.with_given(["max_kl"]).given_fields == {"max_kl"}
+    assert cfg.given_fields == {"critic_epochs", "seed"}  # with_given made a copy
+    with pytest.raises(ValueError, match="unknown TRPOConfig field.*max_kll"):
+        cfg.with_given(["max_kll"])
 
 
-def test_check_memory_refuses_with_the_estimate():
-    cfg = TRPOConfig(n_envs=4, n_steps=1000)
-    need = estimate_rollout_bytes(cfg, 17, 6)
-    assert check_memory(cfg, 17, 6, available_bytes=need) == need
-    with pytest.raises(MemoryBudgetError, match=r"4 × 1000 = 4000 transitions.*GiB.*n_steps"):
-        check_memory(cfg, 17, 6, available_bytes=need - 1)
-    assert issubclass(MemoryBudgetError, ValueError)
-    with pytest.raises(MemoryBudgetError, match="memory_limit_gb"):
-        check_memory(dataclasses.replace(cfg, memory_limit_gb=1e-6), 17, 6)
+def test_config_for_counts_only_the_env_and_the_overrides_as_given():
+    cfg = config_for("Hopper-v5", critic_epochs=10)
+    assert cfg.given_fields == {"env_id", "critic_epochs"}
+    assert cfg.n_steps == 1024  # the preset is applied, but not given
 
 
-def test_check_memory_against_this_machine():
-    avail = available_memory_bytes()
-    assert avail is None or avail > 0
-    if avail is None:
-        pytest.skip("available memory cannot be determined here")
-    check_memory(TRPOConfig(), 4, 2)  # the default batch fits anywhere
-    huge = TRPOConfig(n_envs=1024, n_steps=10**9)  # ~10^12 transitions: petabytes
-    with pytest.raises(MemoryBudgetError, match="available host memory"):
-        check_memory(huge, 376, 17)
+@pytest.fixture
+def saved_run(tmp_path):
+    """A run directory whose config differs from both the defaults and the Pendulum preset."""
+    saved = config_for(
+        "Pendulum-v1", cg_damping=0.05, gae_lambda=0.9, critic_epochs=5, n_envs=2, seed=7
+    )
+    save_config(saved, tmp_path / "pend")
+    return saved, str(tmp_path / "pend")
+
+
+def test_resume_config_keeps_the_saved_fields_the_caller_did_not_give(saved_run):
+    saved, run_dir = saved_run
+    expected = dataclasses.replace(saved, resume=run_dir, run_name="pend")
+    # From the preset (issue 13.5: the preset's 0.1 / 0.95 / 20 / 4 replaced the saved ones).
+    assert resume_config(config_for("Pendulum-v1", resume=run_dir)) == expected
+    assert resume_config(TRPOConfig(resume=run_dir)) == expected
+    # A given field wins even when it equals the default (critic_epochs 10 was ignored).
+    got = resume_config(TRPOConfig(resume=run_dir, critic_epochs=10, total_steps=9999))
+    assert got == dataclasses.replace(expected, critic_epochs=10, total_steps=9999)
+    got = resume_config(config_for("Pendulum-v1", resume=run_dir, n_envs=4))
+    assert got == dataclasses.replace(expected, n_envs=4)
+    assert resume_config(got) == got  # idempotent: train() merges what parse_cli merged
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("env_id", "CartPole-v1"),
+        ("hidden_sizes", (32,)),
+        ("normalize_obs", False),
+        ("normalize_reward", False),
+    ],
+)
+def test_resume_config_refuses_what_the_checkpoint_fixes(saved_run, field, value):
+    saved, run_dir = saved_run
+    assert field in FIXED_ON_RESUME
+    with pytest.raises(ValueError, match=rf"^{field} is .* a resumed run keeps its {field}"):
+        resume_config(TRPOConfig(resume=run_dir, **{field: value}))
+    # Giving the saved value is no change, and fine.
+    assert resume_config(TRPOConfig(resume=run_dir, **{field: getattr(saved, field)})) == (
+        dataclasses.replace(saved, resume=run_dir, run_name="pend")
+    )
+
+
+def test_resume_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="resume is None"):
+        resume_config(TRPOConfig())
+    with pytest.raises(ValueError, match="config.json not found"):
+        resume_config(TRPOConfig(resume=str(tmp_path / "missing")))

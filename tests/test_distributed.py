@@ -31,13 +31,15 @@ import torch.multiprocessing as mp
 from natgrad import distributed as nd
 from natgrad.linop import LinearOperator
 from trpo.checkpoint import list_checkpoints
+from trpo.config import TRPOConfig
+from trpo.critic import CriticSettings, explained_variance, fit_critic, supports_fast_fit
 from trpo.distributed import SINGLE_PROCESS, DataParallel, SyncedRunningMeanStd
-from trpo.fast_critic import supports_fast_fit
-from trpo.gae import normalize_advantages
+from trpo.gae import LOCAL, normalize_advantages
 from trpo.logger import read_metrics
 from trpo.normalize import RunningMeanStd
 from trpo.policy import kl_divergence, make_actor, make_critic
-from trpo.update import PolicyBatch, explained_variance, fit_critic, policy_step
+from trpo.train import _agree_on_run_dir
+from trpo.update import PolicyBatch, PolicyStepSettings, policy_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPE = torch.float64
@@ -109,7 +111,8 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             for name, (_, _, extra) in POLICY_CASES.items():
                 actor, batch = _policy_batch(name)
                 shard = PolicyBatch(*(_shard(t, split, rank) for t in dataclasses.astuple(batch)))
-                result = policy_step(actor, shard, **STEP_KW, **extra, distributed=True)
+                settings = PolicyStepSettings(**STEP_KW, **extra)
+                result = policy_step(actor, shard, settings, reducer=dp.reducer)
                 out[f"policy/{name}/{split_name}"] = (_flat(actor), result)
             for name, (mb, amsgrad) in CRITIC_CASES.items():
                 critic, opt, obs, returns = _critic_data(amsgrad)
@@ -119,10 +122,9 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
                     opt,
                     _shard(obs, split, rank),
                     _shard(returns, split, rank),
-                    epochs=CRITIC_EPOCHS,
+                    CriticSettings(epochs=CRITIC_EPOCHS, minibatch_size=mb),
                     generator=gen,
-                    distributed=True,
-                    minibatch_size=mb,
+                    reducer=dp.reducer,
                 )
                 out[f"critic/{name}/{split_name}"] = (_flat(critic), fit)
             data = _stats_data()
@@ -133,8 +135,8 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             _, batch = _policy_batch("gaussian")
             adv = _shard(batch.advantages * 4 + 2, split, rank)
             values = _shard(batch.obs[:, 0], split, rank)
-            out[f"adv/{split_name}"] = dp.normalize_advantages(adv)
-            out[f"ev/{split_name}"] = dp.explained_variance(values, adv)
+            out[f"adv/{split_name}"] = normalize_advantages(adv, reducer=dp.reducer)
+            out[f"ev/{split_name}"] = explained_variance(values, adv, dp.reducer)
         # A rank with an empty batch still takes part in the merge.
         rms = SyncedRunningMeanStd(RunningMeanStd((3,)))
         rms.update(_stats_data()[:0] if rank == 1 else _stats_data())
@@ -146,8 +148,13 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         a = torch.full((3, 3), float(rank + 1), dtype=DTYPE) + torch.eye(3, dtype=DTYPE)
         w = nd.sample_weight(3 if rank == 0 else 1)
         out["operator"] = nd.all_reduce_operator(LinearOperator.from_matrix(a), weight=w).to_dense()
-        out["function"] = nd.all_reduce_function(lambda x: x * (rank + 1), weight=w)(
-            torch.tensor(2.0, dtype=DTYPE)
+        reducer = nd.Reducer()
+        out["function"] = reducer.mean(torch.tensor(2.0 * (rank + 1), dtype=DTYPE), w)
+        out["reducer"] = (
+            reducer.weight(3 if rank == 0 else 1),
+            float(reducer.sum(torch.tensor(rank + 1.0, dtype=DTYPE))),
+            reducer.all(True),
+            reducer.all(rank == 0),
         )
         p = torch.zeros(2, dtype=DTYPE, requires_grad=True)
         (p * torch.tensor([1.0, 3.0 * rank], dtype=DTYPE)).sum().backward()
@@ -168,6 +175,17 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             out["divergence"] = None
         except nd.DivergenceError as e:
             out["divergence"] = str(e)
+        # Rank 0 creates a new run's directory; every rank gets its name, or its refusal.
+        runs = str(Path(out_dir) / "runs")
+        claimed = TRPOConfig(runs_root=runs, run_name="claimed")
+        out["runs_root"] = runs
+        out["run_name"] = _agree_on_run_dir(claimed, dp).run_name
+        try:
+            _agree_on_run_dir(claimed, dp)
+            out["run_dir_error"] = None
+        except ValueError as e:
+            out["run_dir_error"] = str(e)
+        out["default_run_name"] = _agree_on_run_dir(TRPOConfig(runs_root=runs), dp).run_name
     finally:
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()
@@ -191,7 +209,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_policy_step_on_two_shards_equals_one_process_on_the_batch(ranks, name, split):
     actor, batch = _policy_batch(name)
     theta_old = _flat(actor)
-    ref = policy_step(actor, batch, **STEP_KW, **POLICY_CASES[name][2])
+    ref = policy_step(actor, batch, PolicyStepSettings(**STEP_KW, **POLICY_CASES[name][2]))
     assert ref.applied and ref.cg_iterations > 0  # a real step, not a no-op
     for rank in ranks:
         theta, res = rank[f"policy/{name}/{split}"]
@@ -212,13 +230,13 @@ def test_a_wrongly_weighted_mean_would_be_caught(ranks):
     """The check has teeth: averaging the 60/40 shards' means with 1/2 each moves the step."""
     actor, batch = _policy_batch("gaussian")
     theta_old = _flat(actor)
-    policy_step(actor, batch, **STEP_KW)
+    policy_step(actor, batch, PolicyStepSettings(**STEP_KW))
     ref = _flat(actor) - theta_old
     half = dataclasses.replace(batch, advantages=batch.advantages.clone())
     half.advantages[:30] *= 25 / 30  # = mean_a/2 + mean_b/2 instead of the global mean
     half.advantages[30:] *= 25 / 20
     actor, _ = _policy_batch("gaussian")
-    policy_step(actor, half, **STEP_KW)
+    policy_step(actor, half, PolicyStepSettings(**STEP_KW))
     assert _rel(_flat(actor) - theta_old, ref) > 1e-3
 
 
@@ -226,7 +244,7 @@ def test_a_wrongly_weighted_mean_would_be_caught(ranks):
 @pytest.mark.parametrize("name", CRITIC_CASES)
 def test_critic_fit_on_two_shards_equals_one_process(ranks, name, split):
     """Minibatch k of the global fit is the union of each rank's k-th piece of its shuffled
-    shard (``fit_critic(distributed=True)``); replayed here in one process with the same
+    shard (``fit_critic(reducer=Reducer())``); replayed here in one process with the same
     per-rank shuffles. With a minibatch ≥ the batch that is plain full-batch ``fit_critic``."""
     mb, amsgrad = CRITIC_CASES[name]
     critic, opt, obs, returns = _critic_data(amsgrad)
@@ -236,8 +254,7 @@ def test_critic_fit_on_two_shards_equals_one_process(ranks, name, split):
             opt,
             obs,
             returns,
-            epochs=CRITIC_EPOCHS,
-            minibatch_size=mb,
+            CriticSettings(epochs=CRITIC_EPOCHS, minibatch_size=mb),
             generator=torch.Generator().manual_seed(0),
         )
         ref_loss, ref_steps = ref_fit.value_loss, ref_fit.steps
@@ -301,6 +318,17 @@ def test_advantages_and_explained_variance_use_global_statistics(ranks, split):
         assert math.isclose(rank[f"ev/{split}"], ev, rel_tol=1e-10)
 
 
+def test_rank_0_alone_creates_the_run_directory_and_shares_its_name_or_error(ranks):
+    runs = Path(ranks[0]["runs_root"])
+    names = {r["default_run_name"] for r in ranks}
+    assert len(names) == 1  # rank 0's timestamp for every rank
+    assert sorted(p.name for p in runs.iterdir()) == sorted(["claimed", *names])
+    for rank in ranks:
+        assert rank["run_name"] == "claimed"
+        assert rank["run_dir_error"].startswith(f"run directory {runs / 'claimed'} already")
+        assert "--resume" in rank["run_dir_error"]
+
+
 def test_gather_operator_broadcast_and_divergence(ranks):
     expected_rows = torch.arange(6, dtype=DTYPE).reshape(3, 2)
     a0 = torch.ones(3, 3, dtype=DTYPE) + torch.eye(3, dtype=DTYPE)
@@ -309,6 +337,7 @@ def test_gather_operator_broadcast_and_divergence(ranks):
         assert torch.equal(rank["gather"], expected_rows)
         torch.testing.assert_close(rank["operator"], 0.75 * a0 + 0.25 * a1, rtol=1e-15, atol=0)
         assert float(rank["function"]) == 0.75 * 2 + 0.25 * 4
+        assert rank["reducer"] == (0.75 if rank is ranks[0] else 0.25, 3.0, True, False)
         assert rank["grad"].tolist() == [1.0, 1.5]
         assert "rank(s) [1]" in rank["divergence"]  # every rank raised, naming rank 1
     torch.manual_seed(10)
@@ -325,8 +354,10 @@ def test_helpers_are_no_ops_without_a_process_group():
     assert nd.sample_weight(7) == 1.0 and nd.get_world_size() == 1 and nd.get_rank() == 0
     op = LinearOperator.from_matrix(torch.eye(4, dtype=DTYPE))
     assert nd.all_reduce_operator(op) is op
-    fn = lambda t: t.sum()  # noqa: E731
-    assert nd.all_reduce_function(fn) is fn
+    for reducer in (nd.LOCAL, nd.Reducer()):  # the identity in one process
+        assert not reducer.active and reducer.weight(7) == 1.0
+        assert reducer.mean(x, 0.3) is x and reducer.sum(x) is x
+        assert reducer.operator(op, 0.3) is op and reducer.all(True) and not reducer.all(False)
     assert nd.all_gather_rows(x) is x
     mean, var, n = nd.merge_moments(x, x.abs(), 3)
     assert mean is x and n == 3.0
@@ -351,6 +382,14 @@ def test_rank_seeds_differ_and_are_reproducible():
     g = torch.Generator().manual_seed(9)
     SINGLE_PROCESS.reseed(5, 3, g)  # one process keeps its running generator
     assert g.initial_seed() == 9
+
+
+def test_num_updates_and_reducer_of_one_and_two_ranks():
+    assert SINGLE_PROCESS.num_updates(100_000, 1024) == 98  # ceil(100000 / 1024)
+    assert SINGLE_PROCESS.num_updates(30, 10) == 3
+    assert DataParallel(rank=0, world_size=2).num_updates(100_000, 1024) == 49  # 2048 a step
+    assert SINGLE_PROCESS.reducer is LOCAL
+    assert DataParallel(rank=1, world_size=2).reducer is not LOCAL
 
 
 def test_timeout_env_is_validated(monkeypatch):

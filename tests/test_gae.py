@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trpo.gae import compute_gae, normalize_advantages
+from trpo.gae import LOCAL, compute_gae, normalize_advantages
 
 
 def _hand_batch():
@@ -129,3 +129,48 @@ def test_normalize_advantages():
     expected = (adv - 3.0) / (torch.tensor(3.5).sqrt().double() + 1e-8)
     torch.testing.assert_close(out, expected)
     assert torch.equal(normalize_advantages(torch.ones(3)), torch.zeros(3))
+
+
+def test_normalize_advantages_in_one_process_is_the_plain_formula_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        for n in (1, 7, 1000):
+            adv = (torch.randn(n, generator=g, dtype=torch.float64) * 30 + 5).to(dtype)
+            expected = (adv - adv.mean()) / (adv.std(correction=0) + 1e-8)
+            assert torch.equal(normalize_advantages(adv), expected)
+            assert torch.equal(normalize_advantages(adv, reducer=LOCAL), expected)
+
+
+class _TwoRanks:
+    """Rank 0's view of a two-rank reduction whose rank 1 holds ``other``: every call of
+    ``mean(x, n)`` returns ``(n x + n_1 x_1) / (n + n_1)``, with ``x_1`` what rank 1 passes
+    in the same call of ``normalize_advantages`` (its mean, then its spread about μ)."""
+
+    def __init__(self, other: torch.Tensor) -> None:
+        self.other, self.calls, self.global_mean = other, 0, None
+
+    def mean(self, x: torch.Tensor, n_local: int) -> torch.Tensor:
+        o = self.other.double()
+        if self.calls == 0:
+            x1 = o.mean()
+        else:
+            x1 = o.var(correction=0) + (o.mean() - self.global_mean) ** 2
+        self.calls += 1
+        out = (n_local * x + o.numel() * x1) / (n_local + o.numel())
+        if self.calls == 1:
+            self.global_mean = out
+        return out
+
+
+def test_normalize_advantages_with_a_reducer_uses_the_moments_of_the_whole_batch():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(30, generator=g, dtype=torch.float64) * 4 + 2
+    b = torch.randn(20, generator=g, dtype=torch.float64) * 0.5 - 3  # other mean and spread
+    whole = torch.cat([a, b])
+    reference = (whole - whole.mean()) / (whole.std(correction=0) + 1e-8)
+    reducer = _TwoRanks(b)
+    got = normalize_advantages(a, reducer=reducer)
+    assert reducer.calls == 2
+    torch.testing.assert_close(got, reference[:30], rtol=1e-12, atol=1e-12)
+    # Not what rank 0 alone would give.
+    assert not torch.allclose(got, normalize_advantages(a))

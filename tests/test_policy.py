@@ -1,4 +1,5 @@
-"""Tests for trpo.policy: distributions against torch.distributions (float64), networks."""
+"""Tests for natgrad.families (distributions against torch.distributions, float64) and
+trpo.policy (the actor and critic networks)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,20 @@ import pytest
 import torch
 from torch import distributions as D
 
-from trpo.policy import (
+from natgrad.curvature import fisher_operator
+from natgrad.families import (
     FAMILIES,
-    Actor,
-    Critic,
     draw_noise,
     entropy,
     kl_divergence,
     log_prob,
-    make_actor,
-    make_critic,
     mode,
     sample,
     sample_from_noise,
 )
+from natgrad.mlp import MLPDistFn
+from natgrad.params import ParamSpace
+from trpo.policy import Actor, Critic, make_actor, make_critic
 
 B = 7
 OBS_SPACE = gym.spaces.Box(-1.0, 1.0, shape=(5,), dtype=np.float32)
@@ -282,9 +283,6 @@ def test_inference_fn_matches_forward_and_follows_in_place_updates(family):
 def test_fisher_operator_on_the_actor_is_the_hessian_of_the_mean_kl(family):
     """natgrad's Fisher of ``actor.functional_dist_params`` equals the dense Hessian of the
     mean of this module's closed-form KL at θ = θ_old (interface check between the two)."""
-    from natgrad.curvature import fisher_operator
-    from natgrad.params import ParamSpace
-
     torch.manual_seed(0)
     actor = make_actor(OBS_SPACE, ACTION_SPACES[family], hidden_sizes=(4,)).double()
     with torch.no_grad():
@@ -321,3 +319,62 @@ def test_numpy_inference_fn_matches_forward(family):
                 np.testing.assert_allclose(o, r.detach().numpy(), rtol=1e-12, atol=1e-12)
         else:
             np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------ written-out Jacobian products
+def _perturbed_actor(family, obs_shape=(3,), hidden=(5, 4), seed=0, cls=Actor):
+    torch.manual_seed(seed)
+    space = gym.spaces.Box(-1.0, 1.0, obs_shape, dtype=np.float64)
+    actor = cls(space, ACTION_SPACES[family], hidden).double()
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    obs = torch.randn(9, *obs_shape, generator=torch.Generator().manual_seed(seed + 1)).double()
+    return actor, {k: v.detach() for k, v in actor.named_parameters()}, obs
+
+
+@pytest.mark.parametrize("obs_shape", [(3,), (2, 2)], ids=["flat", "2d"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_written_out_fisher_of_the_actor_equals_torch_func(family, obs_shape):
+    """The actor's natgrad.mlp products against natgrad's torch.func products (float64)."""
+    actor, params, obs = _perturbed_actor(family, obs_shape)
+    fast = actor.written_out_dist_fn(params, obs)
+    assert isinstance(fast, MLPDistFn)
+    ours = fisher_operator(fast, params, obs, family=family, linearization="custom")
+    ref = fisher_operator(actor.functional_dist_params, params, obs, family=family)
+    dense = ref.to_dense()
+    assert float(dense.abs().max()) > 1e-3
+    torch.testing.assert_close(ours.to_dense(), dense, rtol=1e-12, atol=1e-14)
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves(ours.outputs), torch.utils._pytree.tree_leaves(ref.outputs)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    gen = torch.Generator().manual_seed(5)
+    u = torch.utils._pytree.tree_map(
+        lambda t: torch.randn(t.shape, generator=gen, dtype=torch.float64), ref.outputs
+    )
+    torch.testing.assert_close(ours.vjp(u), ref.vjp(u), rtol=1e-12, atol=1e-14)
+
+
+class _OwnForward(Actor):
+    def forward(self, obs):
+        return super().forward(obs)
+
+
+class _OtherTrunk(Actor):
+    def _trunk(self, obs):  # a different network behind the same forward
+        return 2.0 * super()._trunk(obs)
+
+
+def test_written_out_products_decline_what_they_do_not_reproduce():
+    actor, params, obs = _perturbed_actor("categorical")
+    assert actor.written_out_dist_fn(params, obs) is not None
+    subset = {k: v for k, v in params.items() if k != "layers.0.bias"}
+    assert actor.written_out_dist_fn(subset, obs) is None
+    assert actor.written_out_dist_fn(params, obs[:, :2]) is None  # wrong observation width
+    own, own_params, _ = _perturbed_actor("categorical", cls=_OwnForward)
+    assert own.written_out_dist_fn(own_params, obs) is None
+    # Same forward, other trunk: caught by the numerical guard (once per actor).
+    other, other_params, _ = _perturbed_actor("categorical", cls=_OtherTrunk)
+    assert other.written_out_dist_fn(other_params, obs) is None
+    assert other.written_out_dist_fn(other_params, obs) is None

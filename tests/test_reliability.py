@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 
-import natgrad.trust_region
+import natgrad.cg
 import trpo.update
 from trpo.checkpoint import (
     CheckpointError,
@@ -51,7 +51,7 @@ from trpo.config import TRPOConfig, load_config, save_config
 from trpo.logger import STEP_COLUMN, is_timing_key, read_metrics
 from trpo.policy import make_actor
 from trpo.train import TrainingError, train
-from trpo.update import PolicyBatch, policy_step
+from trpo.update import PolicyBatch, PolicyStepSettings, policy_step
 
 # `trpo.train` is also the name of the function the package re-exports: get the module.
 train_module = importlib.import_module("trpo.train")
@@ -453,16 +453,16 @@ def _poison(monkeypatch, kind: str) -> None:
 
         monkeypatch.setattr(trpo.update, "fisher_operator", fisher_operator)
     elif kind == "nan_cg":
-        real_cg = natgrad.trust_region.cg_solve
+        real_solve = natgrad.cg.CG.solve  # what natural_step calls
 
-        def cg_solve(*args, **kwargs):
+        def solve(self, *args, **kwargs):
             calls["n"] += 1
-            result = real_cg(*args, **kwargs)
+            result = real_solve(self, *args, **kwargs)
             if poisoned():
                 result = dataclasses.replace(result, x=torch.full_like(result.x, math.nan))
             return result
 
-        monkeypatch.setattr(natgrad.trust_region, "cg_solve", cg_solve)
+        monkeypatch.setattr(natgrad.cg.CG, "solve", solve)
     elif kind == "nan_loss":
         real_gae = train_module.compute_gae
 
@@ -580,7 +580,7 @@ def test_degenerate_policy_step_is_a_finite_no_op(monkeypatch, case):
     if case == "no_acceptable_point":  # demand 10⁶× the linear model's gain
         kwargs["line_search_accept_ratio"] = 1e6
     before = copy.deepcopy(actor.state_dict())
-    result = policy_step(actor, batch, **kwargs)
+    result = policy_step(actor, batch, PolicyStepSettings(**kwargs))
     expected_status = {
         "zero_advantages": "ZERO_GRADIENT",
         "negative_curvature": "NON_POSITIVE_CURVATURE",

@@ -22,11 +22,13 @@ import pytest
 import torch
 
 from trpo.checkpoint import CHECKPOINT_DIRNAME, list_checkpoints, load_latest_checkpoint
-from trpo.config import TRPOConfig, config_for, load_config, parse_cli
+from trpo.config import TRPOConfig, load_config
 from trpo.evaluate import evaluate_policy, load_policy
 from trpo.evaluate import main as evaluate_main
 from trpo.logger import METRIC_KEYS, STEP_COLUMN, TENSORBOARD_DIRNAME, read_metrics
+from trpo.presets import config_for
 from trpo.run import main as run_main
+from trpo.run import parse_cli
 from trpo.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,9 +339,20 @@ def test_invalid_config_value_is_an_error_naming_the_field(tmp_path, flag, value
 def test_library_resume_keeps_the_saved_hyperparameters(tmp_path):
     """train(TRPOConfig(resume=d, total_steps=...)) continues d with d's own config."""
     first = config_for(
-        "CartPole-v1", total_steps=1024, n_envs=2, n_steps=256, critic_epochs=2, max_kl=0.02,
-        seed=5, runs_root=str(tmp_path), run_name="lib", eval_episodes=0, progress=False,
-        plot=False, tensorboard=False, checkpoint_every=1,
+        "CartPole-v1",
+        total_steps=1024,
+        n_envs=2,
+        n_steps=256,
+        critic_epochs=2,
+        max_kl=0.02,
+        seed=5,
+        runs_root=str(tmp_path),
+        run_name="lib",
+        eval_episodes=0,
+        progress=False,
+        plot=False,
+        tensorboard=False,
+        checkpoint_every=1,
     )
     train(first)
     run_dir = tmp_path / "lib"
@@ -349,3 +362,155 @@ def test_library_resume_keeps_the_saved_hyperparameters(tmp_path):
     assert resumed.config.critic_epochs == 2 and resumed.config.seed == 5
     with pytest.raises(ValueError, match="env_id"):
         train(TRPOConfig(resume=str(run_dir), env_id="Pendulum-v1", total_steps=4096))
+
+
+# --------------------------------------------------------------------------------------------
+# Resume from Python: only the fields the caller gave override the saved config (issue 13.5)
+# --------------------------------------------------------------------------------------------
+QUICK = dict(
+    n_steps=64,
+    hidden_sizes=(8,),
+    cg_iters=3,
+    eval_episodes=0,
+    progress=False,
+    plot=False,
+    tensorboard=False,
+    checkpoint_every=1,
+    torch_threads=1,
+)
+
+
+def _adam_steps(run_dir: Path) -> set[float]:
+    state = load_latest_checkpoint(run_dir).state["critic_optimizer"]["state"]
+    return {float(s["step"]) for s in state.values()}
+
+
+@pytest.fixture
+def pendulum_run(tmp_path):
+    """A finished 1-update Pendulum run whose settings differ from the defaults and the preset
+    (n_envs 2 with reward normalisation, cg_damping 0.05, gae_lambda 0.9, critic_epochs 5)."""
+    first = config_for(
+        "Pendulum-v1",
+        total_steps=128,
+        n_envs=2,
+        cg_damping=0.05,
+        gae_lambda=0.9,
+        critic_epochs=5,
+        critic_minibatch_size=64,
+        runs_root=str(tmp_path),
+        run_name="pend",
+        **QUICK,
+    )
+    train(first)
+    return tmp_path / "pend"
+
+
+def test_library_resume_through_config_for_keeps_the_saved_hyperparameters(pendulum_run):
+    resumed = train(config_for("Pendulum-v1", resume=str(pendulum_run), total_steps=256))
+    config = resumed.config
+    assert (config.cg_damping, config.gae_lambda, config.critic_epochs) == (0.05, 0.9, 5)
+    assert (config.n_envs, config.total_steps, resumed.global_step) == (2, 256, 256)
+    assert load_config(pendulum_run) == config  # config.json is not overwritten by the preset
+    assert _adam_steps(pendulum_run) == {2 * 5 * 2}  # 2 updates × 5 epochs × 2 minibatches
+
+
+def test_library_resume_honours_a_given_field_equal_to_its_default(pendulum_run):
+    resumed = train(TRPOConfig(resume=str(pendulum_run), total_steps=256, critic_epochs=10))
+    assert resumed.config.critic_epochs == 10 == TRPOConfig().critic_epochs
+    assert resumed.config.gae_lambda == 0.9  # not given: the saved value
+    assert _adam_steps(pendulum_run) == {5 * 2 + 10 * 2}
+
+
+def test_library_resume_honours_a_new_critic_lr_and_n_envs(pendulum_run):
+    # The critic optimiser's state_dict holds the old lr, and the reward scaler one running
+    # return per env: both used to win over the config (or fail: "state['returns']...").
+    resumed = train(
+        TRPOConfig(resume=str(pendulum_run), total_steps=128 + 3 * 64, n_envs=3, critic_lr=5e-4)
+    )
+    assert resumed.global_step == 128 + 3 * 64
+    final = load_latest_checkpoint(pendulum_run).state
+    assert [g["lr"] for g in final["critic_optimizer"]["param_groups"]] == [5e-4]
+    assert final["reward_scaler"]["returns"].shape == (3,)
+    steps = read_metrics(pendulum_run / "metrics.csv")[STEP_COLUMN]
+    assert steps == [128, 128 + 3 * 64]
+
+
+def test_library_resume_refuses_other_networks_or_normalisation(pendulum_run):
+    before = (pendulum_run / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"^hidden_sizes is \(16,\) but the run in .* \(8,\)"):
+        train(TRPOConfig(resume=str(pendulum_run), hidden_sizes=(16,)))
+    with pytest.raises(ValueError, match="a resumed run keeps its normalize_reward"):
+        train(config_for("Pendulum-v1", resume=str(pendulum_run), normalize_reward=False))
+    assert (pendulum_run / "config.json").read_text() == before
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories: exclusive, never reused by a new run, never outside runs_root (13.1-13.3)
+# --------------------------------------------------------------------------------------------
+def test_cli_refuses_to_reuse_a_run_name_for_a_new_run(tmp_path):
+    common = [*TINY, "--runs-root", str(tmp_path), "--run-name", "same", "--eval-episodes", "0"]
+    common += ["--no-plot", "--no-tensorboard", "--checkpoint-every", "1"]
+    code, _, err = _run_cli([*common, "--seed", "1", "--total-steps", str(2 * BATCH)])
+    assert code == 0, err
+    run_dir = tmp_path / "same"
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trpo.run", *common, "--seed", "2", "--total-steps", str(BATCH)],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: run directory {run_dir} already exists: continue that run with --resume "
+        f"{run_dir} (resume= in Python), or choose a fresh --run-name"
+    ]
+    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # run A is untouched: config, metrics, checkpoints
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same"]
+
+
+def test_a_taken_default_run_name_gets_a_suffix(tmp_path, monkeypatch):
+    # Two runs of one env and seed started in the same second get the same default name.
+    for module in ("trpo.config", "trpo.train"):
+        monkeypatch.setattr(sys.modules[module], "default_run_name", lambda *a: "clash")
+    config = config_for("CartPole-v1", total_steps=64, n_envs=1, runs_root=str(tmp_path), **QUICK)
+    first, second = train(config), train(config)
+    assert (first.run_dir, second.run_dir) == (tmp_path / "clash", tmp_path / "clash-2")
+    for result in (first, second):
+        assert result.metrics[STEP_COLUMN] == [64]
+        assert load_config(result.run_dir).run_name == result.run_dir.name
+
+
+def test_run_directories_are_created_exclusively_under_contention(tmp_path, monkeypatch):
+    import threading
+
+    train_module = sys.modules["trpo.train"]
+    monkeypatch.setattr(train_module, "default_run_name", lambda env_id, seed: "clash")
+    config = TRPOConfig(runs_root=str(tmp_path))
+    names: list[str] = []
+    start = threading.Barrier(8)
+
+    def claim() -> None:
+        start.wait()
+        names.append(train_module._create_run_dir(config).run_name)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(names) == sorted(["clash", *(f"clash-{k}" for k in range(2, 9))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../escape", "a/b", "/abs"])
+def test_run_names_that_leave_runs_root_are_rejected(tmp_path, name):
+    root = tmp_path / "runs"
+    root.mkdir()
+    code, _, err = _run_cli([*TINY, "--runs-root", str(root), "--run-name", name])
+    assert code == 2
+    assert "run_name must be None or a directory name" in re.sub(r"[\s│]+", " ", err)
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["runs"]  # nothing written anywhere

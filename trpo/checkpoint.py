@@ -15,6 +15,18 @@ Guarantees:
 - **Verified**: :func:`load_checkpoint` checks size and SHA-256 against the record and raises
   :class:`CheckpointError` naming the file on any mismatch (truncation, flipped bytes).
   :func:`load_latest_checkpoint` falls back to the previous valid checkpoint.
+- **Never through a link, never a special file** (issue 13): a symbolic link named
+  ``checkpoints/`` is refused (:class:`CheckpointError`) before anything is listed, written or
+  deleted; pruning unlinks names relative to the opened directory, so it never deletes
+  outside it. Files are opened with ``O_NOFOLLOW | O_NONBLOCK`` and read only if ``fstat``
+  says they are regular files no larger than their record: a FIFO, ``/dev/zero`` or a link
+  named like a checkpoint is passed over as invalid, never read until it blocks or fills
+  memory. A failed write (disk full, ``ulimit -f``, read-only directory) raises
+  :class:`CheckpointError` naming the path and what to do, and leaves neither a temporary
+  file nor the new record behind.
+- **Compatible**: :func:`load_latest_checkpoint` takes a ``validate`` hook (e.g.
+  :func:`check_state_shapes`) so that a newer checkpoint of another env or network size is
+  passed over, with its reason, like a corrupted one.
 - **No arbitrary code**: loading uses ``torch.load(weights_only=True)`` only, so a crafted
   pickle is refused. States must therefore be plain data (tensors, dicts, lists, tuples,
   numbers, strings, None); :func:`save_checkpoint` checks this before writing.
@@ -40,18 +52,30 @@ import io
 import json
 import os
 import re
-import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from trpo.fileio import (
+    TMP_PREFIX,
+    FileTooLargeError,
+    RunDirError,
+    atomic_write_bytes,
+    describe_os_error,
+    read_regular_file,
+    refuse_symlink,
+)
+
 __all__ = [
     "CHECKPOINT_DIRNAME",
     "CheckpointError",
     "LoadedCheckpoint",
     "capture_rng_state",
+    "check_state_shapes",
+    "checkpoint_dir",
     "checkpoint_path",
     "list_checkpoints",
     "latest_checkpoint",
@@ -68,7 +92,8 @@ CHECKPOINT_DIRNAME = "checkpoints"
 """Sub-directory of a run directory that holds its checkpoints."""
 
 _RECORD_SUFFIX = ".sha256"
-_TMP_PREFIX = ".tmp_"
+_TMP_PREFIX = TMP_PREFIX
+_MAX_RECORD_BYTES = 1 << 16
 _NAME_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 _FORMAT_VERSION = 1
 # Types torch.load(weights_only=True) reconstructs without custom globals.
@@ -77,8 +102,9 @@ _PLAIN_CONTAINERS = (list, tuple, set)
 _PLAIN_DICTS = (dict, collections.OrderedDict)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupted, truncated, unverifiable or not plain data."""
+class CheckpointError(RunDirError):
+    """A checkpoint is missing, corrupted, truncated, unverifiable, not plain data, not a
+    regular file, incompatible (a ``validate`` hook refused it), or cannot be written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +137,35 @@ def _record_path(path: Path) -> Path:
     return path.with_name(path.name + _RECORD_SUFFIX)
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """``(update, path)`` of every file named like a checkpoint, newest (highest update) first.
+def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """``run_dir/checkpoints``, refused if it is a symbolic link.
 
-    Files are not verified; temporary files of interrupted writes are never listed.
+    Raises:
+        CheckpointError: if it is a link: pruning through it would delete files elsewhere.
     """
     directory = Path(run_dir) / CHECKPOINT_DIRNAME
+    try:
+        refuse_symlink(directory, "checkpoint directory")
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from None
+    return directory
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(update, path)`` of every entry named like a checkpoint, newest (highest update)
+    first.
+
+    Entries are not verified or followed (a link or FIFO so named is listed, and refused when
+    loaded); temporary files of interrupted writes are never listed.
+
+    Raises:
+        CheckpointError: if ``run_dir/checkpoints`` is a symbolic link.
+    """
+    directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME_RE.match(p.name))]
+    with os.scandir(directory) as entries:
+        found = [(int(m.group(1)), Path(e.path)) for e in entries if (m := _NAME_RE.match(e.name))]
     return sorted(found, key=lambda t: t[0], reverse=True)
 
 
@@ -154,30 +200,9 @@ def _check_plain(obj: Any, where: str) -> None:
 
 
 # --- atomic write -----------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every OS/filesystem (e.g. Windows).
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + ``os.replace`` + directory fsync."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX + path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+def _write_failed(path: Path, e: RunDirError | OSError) -> CheckpointError:
+    reason = str(e) if isinstance(e, RunDirError) else describe_os_error(path, e)
+    return CheckpointError(f"checkpoint not saved: {reason}")
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
@@ -197,6 +222,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
 
     Raises:
         ValueError: naming the key path of the first value that is not plain data.
+        CheckpointError: if it cannot be written (disk full, ``ulimit -f``, not writable,
+            the directory is a link); no temporary file or new record is left behind.
     """
     path = Path(path)
     if not isinstance(state, dict):
@@ -212,33 +239,61 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
         "size": len(data),
         "torch": torch.__version__,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(_record_path(path), (json.dumps(record, indent=1) + "\n").encode())
-    _atomic_write(path, data)
+    record_path = _record_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(record_path, (json.dumps(record, indent=1) + "\n").encode())
+    except (OSError, RunDirError) as e:
+        raise _write_failed(path, e) from e
+    try:
+        atomic_write_bytes(path, data)
+    except RunDirError as e:
+        # The new record without its checkpoint would describe nothing (or, over an older
+        # file of the same name, make it fail verification, which is what a kill does too).
+        with contextlib.suppress(OSError):
+            os.unlink(record_path)
+        raise _write_failed(path, e) from e
     return path
 
 
 # --- verified load ----------------------------------------------------------------------------
-def _read_verified(path: Path, verify: bool) -> bytes:
+def _read(path: Path, max_bytes: int | None) -> bytes:
+    """The bytes of a regular file (never a link, FIFO or device) of at most ``max_bytes``."""
     try:
-        data = path.read_bytes()
+        return read_regular_file(path, max_bytes=max_bytes)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except OSError as e:
+    except RunDirError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
+
+
+def _read_verified(path: Path, verify: bool) -> bytes:
+    if not os.path.lexists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if not verify:
-        return data
+        return _read(path, None)
     record_path = _record_path(path)
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads(read_regular_file(record_path, max_bytes=_MAX_RECORD_BYTES))
         expected_size, expected_sha = int(record["size"]), str(record["sha256"])
     except FileNotFoundError:
         raise CheckpointError(
             f"checkpoint {path} has no checksum record {record_path.name}; it may be from an "
             "interrupted write (pass verify=False to load it unchecked)"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (RunDirError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checksum record {record_path} is unreadable: {e}") from None
+    # The size is checked (fstat) before any byte is read: a file larger than its record
+    # is refused without reading it.
+    try:
+        data = read_regular_file(path, max_bytes=expected_size)
+    except FileTooLargeError:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: larger than the {expected_size} bytes its "
+            "record says"
+        ) from None
+    except RunDirError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
     if len(data) != expected_size:
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupted: {len(data)} bytes, "
@@ -328,14 +383,51 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+def check_state_shapes(state: Mapping[str, Any], **modules: torch.nn.Module) -> None:
+    """Raise unless ``state[name]`` is a state dict with exactly the keys and tensor shapes
+    of ``modules[name].state_dict()`` for every name (a :func:`load_latest_checkpoint`
+    ``validate`` hook: ``validate=lambda s: check_state_shapes(s, actor=a, critic=c)``).
+
+    Raises:
+        CheckpointError: naming the first missing/unexpected key or differing shape (the
+            checkpoint of another env or network size).
+    """
+    for name, module in modules.items():
+        saved = state.get(name)
+        if not isinstance(saved, Mapping):
+            raise CheckpointError(f"it holds no {name!r} state dict")
+        expected = module.state_dict()
+        if set(saved) != set(expected):
+            diff = sorted(set(saved) ^ set(expected))[:3]
+            raise CheckpointError(f"its {name} has other parameters ({', '.join(diff)} …)")
+        for key, tensor in expected.items():
+            got = saved[key]
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else None
+            if shape != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"its {name} parameter {key!r} has shape {shape}, this {name} needs "
+                    f"{tuple(tensor.shape)} (a checkpoint of another env or network size?)"
+                )
+
+
 def load_latest_checkpoint(
-    run_dir: str | os.PathLike[str], map_location: Any = "cpu"
+    run_dir: str | os.PathLike[str],
+    map_location: Any = "cpu",
+    *,
+    validate: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoadedCheckpoint:
-    """Load the newest checkpoint of ``run_dir`` that verifies and loads, newest first.
+    """Load the newest checkpoint of ``run_dir`` that verifies, loads and validates.
+
+    Args:
+        run_dir: the run directory.
+        map_location: passed to ``torch.load``.
+        validate: called with each loaded state; raising ``CheckpointError`` or
+            ``ValueError`` (e.g. :func:`check_state_shapes`) passes the file over like a
+            corrupted one, with the message as its reason in :attr:`LoadedCheckpoint.skipped`.
 
     Raises:
         CheckpointError: if there is none; the message lists every file tried and why it
-            failed.
+            failed. Also if ``run_dir/checkpoints`` is a symbolic link.
     """
     skipped: list[tuple[Path, str]] = []
     for update, path in list_checkpoints(run_dir):
@@ -344,8 +436,14 @@ def load_latest_checkpoint(
         except CheckpointError as e:
             skipped.append((path, str(e)))
             continue
+        try:
+            if validate is not None:
+                validate(state)
+        except (CheckpointError, ValueError) as e:
+            skipped.append((path, f"checkpoint {path} does not fit: {e}"))
+            continue
         return LoadedCheckpoint(path=path, update=update, state=state, skipped=tuple(skipped))
-    where = Path(run_dir) / CHECKPOINT_DIRNAME
+    where = checkpoint_dir(run_dir)
     if not skipped:
         raise CheckpointError(f"no checkpoint found in {where}")
     reasons = "; ".join(reason for _, reason in skipped)
@@ -369,22 +467,35 @@ def prune_checkpoints(
     """
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be a positive int (got {keep!r})")
-    directory = Path(run_dir) / CHECKPOINT_DIRNAME
+    directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         return []
-    doomed = [p for _, p in list_checkpoints(run_dir)[keep:] if p != protect]
-    doomed += [_record_path(p) for p in doomed]
-    for p in directory.iterdir():
-        if p.name.startswith(_TMP_PREFIX):
-            doomed.append(p)
-        elif p.name.endswith(_RECORD_SUFFIX):
-            if not p.with_name(p.name[: -len(_RECORD_SUFFIX)]).exists():  # orphan record
-                doomed.append(p)
-    deleted = []
-    for p in dict.fromkeys(doomed):  # de-duplicate, keep order
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            deleted.append(p)
+    doomed = [p.name for _, p in list_checkpoints(run_dir)[keep:] if p != protect]
+    doomed += [_record_path(Path(name)).name for name in doomed]
+    # Names are unlinked relative to the directory opened without following a link, so a
+    # directory swapped for a link after the check above still cannot redirect a deletion;
+    # unlink never follows a link either (it removes the link), and directories are kept.
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise CheckpointError(describe_os_error(directory, e, "open")) from e
+    try:
+        with os.scandir(dir_fd) as it:
+            entries = {e.name: e.is_dir(follow_symlinks=False) for e in it}
+        for name in entries:
+            if name.startswith(_TMP_PREFIX):
+                doomed.append(name)
+            elif name.endswith(_RECORD_SUFFIX) and name[: -len(_RECORD_SUFFIX)] not in entries:
+                doomed.append(name)  # orphan record
+        deleted = []
+        for name in dict.fromkeys(doomed):  # de-duplicate, keep order
+            if entries.get(name, True):  # gone already, or a directory
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+                deleted.append(directory / name)
+    finally:
+        os.close(dir_fd)
     return deleted
 
 
@@ -392,7 +503,13 @@ def save_run_checkpoint(
     run_dir: str | os.PathLike[str], update: int, state: dict[str, Any], *, keep: int = 3
 ) -> Path:
     """Save ``state`` as the checkpoint of ``update`` in ``run_dir``, then keep the newest
-    ``keep``. Returns the checkpoint path."""
+    ``keep``. Returns the checkpoint path.
+
+    Raises:
+        CheckpointError: if ``run_dir/checkpoints`` is a symbolic link (nothing is written
+            or deleted), or the write fails (see :func:`save_checkpoint`).
+    """
+    checkpoint_dir(run_dir)
     path = save_checkpoint(checkpoint_path(run_dir, update), state)
     prune_checkpoints(run_dir, keep, protect=path)
     return path

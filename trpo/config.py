@@ -1,23 +1,31 @@
-"""Every TRPO hyperparameter in one dataclass, per-env presets, and the CLI built from them.
+"""Every TRPO hyperparameter in one frozen dataclass: fields, validation, JSON save and load.
 
 Three layers decide a value, lowest first:
 
 1. the dataclass defaults of :class:`TRPOConfig` (a generic setting that learns CartPole-v1),
-2. the preset of the chosen env in :data:`PRESETS` (applied by :func:`config_for`),
-3. explicit overrides: keyword arguments of :func:`config_for`, or the flags a user typed
-   on the command line (:func:`parse_cli`). When resuming (``--resume RUN_DIR``) the run's
-   saved ``config.json`` replaces layers 1-2, so a resumed run keeps its own settings.
+2. the preset of the chosen env (:data:`trpo.presets.PRESETS`, applied by
+   :func:`trpo.presets.config_for`),
+3. what the caller gave: keyword arguments of ``TRPOConfig(...)`` / ``config_for(...)``, or the
+   flags typed on the command line (:func:`trpo.run.parse_cli`).
+
+When resuming (``resume=RUN_DIR``), the run's saved ``config.json`` replaces layers 1-2:
+:func:`resume_config` puts only the fields the caller *gave* on top of it. A config records
+them in :attr:`TRPOConfig.given_fields` (the keyword arguments of its constructor; ``config_for``
+counts its overrides and the env id, not the preset), so ``TRPOConfig(resume=d,
+critic_epochs=10)`` sets 10 even though 10 is the default, and ``config_for(env, resume=d)``
+keeps the saved hyperparameters. ``dataclasses.replace`` passes every field to the
+constructor, so its result counts every field as given.
 
 The config is frozen: derive variants with ``dataclasses.replace(config, field=value)``;
 every construction re-runs :meth:`TRPOConfig.validate`, so an invalid field is reported by
 name before any env is created.
 
 Example:
-    >>> from trpo.config import TRPOConfig, config_for
-    >>> config_for("Hopper-v5").cg_iters
-    25
-    >>> config_for("Hopper-v5", max_kl=0.02).max_kl
+    >>> from trpo.config import TRPOConfig
+    >>> TRPOConfig(max_kl=0.02).max_kl
     0.02
+    >>> sorted(TRPOConfig(max_kl=0.02, seed=3).given_fields)
+    ['max_kl', 'seed']
     >>> TRPOConfig(max_kl=0.0)
     Traceback (most recent call last):
     ...
@@ -26,48 +34,100 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
+import difflib
+import functools
 import json
 import math
 import os
 import re
-import sys
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
+import gymnasium
+import torch
 import tyro
+
+from trpo.fileio import RunDirError, atomic_write_bytes, read_regular_file
 
 __all__ = [
     "CONFIG_FILENAME",
-    "PRESETS",
-    "MemoryBudgetError",
+    "FIXED_ON_RESUME",
     "TRPOConfig",
-    "available_memory_bytes",
     "check_env_id",
-    "check_memory",
-    "config_for",
     "default_run_name",
-    "estimate_rollout_bytes",
     "load_config",
-    "parse_cli",
+    "resume_config",
     "save_config",
 ]
 
 CONFIG_FILENAME = "config.json"
+_MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; anything larger is not ours
 """Name of the resolved config saved in every run directory."""
+
+FIXED_ON_RESUME = ("env_id", "hidden_sizes", "normalize_obs", "normalize_reward")
+"""Fields a resumed run cannot change: the checkpoint's networks and statistics are theirs."""
 
 _DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._=+-]+$")
-_GIB = 2**30
+_INT_FIELDS = {  # name -> minimum
+    **dict.fromkeys(("seed", "eval_episodes", "torch_threads"), 0),
+    **dict.fromkeys(
+        (
+            "total_steps",
+            "n_envs",
+            "n_steps",
+            "cg_iters",
+            "line_search_max_tries",
+            "critic_epochs",
+            "critic_minibatch_size",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "max_consecutive_failures",
+        ),
+        1,
+    ),
+}
+_BOOL_FIELDS = (
+    "async_envs",
+    "normalize_advantages",
+    "normalize_obs",
+    "normalize_reward",
+    "tensorboard",
+    "plot",
+    "progress",
+    "cuda_graph",
+)
 
 
+def _records_given_fields(cls: type) -> type:
+    """Make the dataclass ``__init__`` of ``cls`` also record the names of the fields it was
+    given (positionally or by keyword) as ``_given``, before it fills in the defaults."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        object.__setattr__(self, "_given", frozenset(names[: len(args)]) | frozenset(kwargs))
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
+@_records_given_fields
 @dataclasses.dataclass(frozen=True)
 class TRPOConfig:
-    """TRPO (Schulman et al. 2015) with GAE, a CG natural step and a backtracking line search."""
+    """TRPO (Schulman et al. 2015) with GAE, a CG natural step and a backtracking line search.
+
+    Besides its fields, a config knows which of them its caller gave (:attr:`given_fields`):
+    what a resumed run takes over from it (:func:`resume_config`).
+    """
 
     # --- experiment -------------------------------------------------------------------------
     env_id: Annotated[str, tyro.conf.arg(aliases=("--env",))] = "CartPole-v1"
@@ -147,9 +207,11 @@ class TRPOConfig:
     runs_root: str = "runs"
     """Directory under which run directories are created."""
     run_name: str | None = None
-    """Run directory name under runs_root; None = '<env_id>__<seed>__<timestamp>'."""
+    """Name of a NEW run directory under runs_root (an existing one is refused: resume it);
+    None = '<env_id>__<seed>__<timestamp>', with a suffix -2, -3, ... when that is taken."""
     resume: str | None = None
-    """Run directory to continue from its newest valid checkpoint (its config.json is the base)."""
+    """Run directory to continue from its newest valid checkpoint: its config.json is the base
+    and only the fields given explicitly (the flags typed) override it."""
     tensorboard: bool = True
     """Also write TensorBoard events (only if the tensorboard package is installed)."""
     plot: bool = True
@@ -178,7 +240,26 @@ class TRPOConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    # ----------------------------------------------------------------------------------------
+    @property
+    def given_fields(self) -> frozenset[str]:
+        """Names of the fields the caller gave explicitly (the constructor's arguments, or what
+        :meth:`with_given` set); the others hold defaults or a preset."""
+        return self.__dict__.get("_given", frozenset())
+
+    def with_given(self, names: Iterable[str]) -> TRPOConfig:
+        """This config, with exactly ``names`` counted as given by the caller.
+
+        Raises:
+            ValueError: on a name that is not a field.
+        """
+        names = frozenset(names)
+        unknown = sorted(names - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown TRPOConfig field(s): {', '.join(unknown)}")
+        out = copy.copy(self)
+        object.__setattr__(out, "_given", names)
+        return out
+
     def validate(self) -> None:
         """Check every field; called on construction.
 
@@ -186,22 +267,8 @@ class TRPOConfig:
             ValueError: naming the first invalid field, its constraint and its value.
         """
         _check_str(self, "env_id")
-        for name in (
-            "total_steps",
-            "n_envs",
-            "n_steps",
-            "cg_iters",
-            "line_search_max_tries",
-            "critic_epochs",
-            "critic_minibatch_size",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-            "max_consecutive_failures",
-        ):
-            _check_int(self, name, minimum=1)
-        for name in ("seed", "eval_episodes", "torch_threads"):
-            _check_int(self, name, minimum=0)
+        for name, minimum in _INT_FIELDS.items():
+            _check_int(self, name, minimum=minimum)
         _check_real(self, "max_kl", low=0.0, low_open=True)
         _check_real(self, "gamma", low=0.0, high=1.0, low_open=True)
         _check_real(self, "gae_lambda", low=0.0, high=1.0)
@@ -214,16 +281,7 @@ class TRPOConfig:
         _check_real(self, "obs_clip", low=0.0, low_open=True)
         _check_real(self, "reward_clip", low=0.0, low_open=True)
         _check_real(self, "log_std_init")
-        for name in (
-            "async_envs",
-            "normalize_advantages",
-            "normalize_obs",
-            "normalize_reward",
-            "tensorboard",
-            "plot",
-            "progress",
-            "cuda_graph",
-        ):
+        for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (got {getattr(self, name)!r})")
         if not isinstance(self.hidden_sizes, tuple) or not all(
@@ -234,11 +292,13 @@ class TRPOConfig:
             )
         _check_str(self, "runs_root")
         if self.run_name is not None and (
-            not isinstance(self.run_name, str) or not _RUN_NAME_RE.match(self.run_name)
+            not isinstance(self.run_name, str)
+            or not _RUN_NAME_RE.match(self.run_name)
+            or self.run_name in (".", "..")
         ):
             raise ValueError(
-                "run_name must be None or a non-empty name of letters, digits and ._=+- "
-                f"(no path separators) (got {self.run_name!r})"
+                "run_name must be None or a directory name of letters, digits and ._=+- "
+                f"(not '.' or '..', no path separators) (got {self.run_name!r})"
             )
         if self.resume is not None:
             _check_str(self, "resume")
@@ -254,13 +314,8 @@ class TRPOConfig:
     # ----------------------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
-        """Transitions per update: ``n_envs * n_steps``."""
+        """Transitions per update (per rank): ``n_envs * n_steps``."""
         return self.n_envs * self.n_steps
-
-    @property
-    def num_updates(self) -> int:
-        """Updates needed to reach ``total_steps``: ``ceil(total_steps / batch_size)``."""
-        return -(-self.total_steps // self.batch_size)
 
     @property
     def run_dir(self) -> Path:
@@ -280,19 +335,15 @@ class TRPOConfig:
         if self.run_name is not None:
             return self
         if self.resume is not None:
-            return dataclasses.replace(self, run_name=Path(self.resume).name)
+            return dataclasses.replace(self, run_name=_dir_name(self.resume))
         return dataclasses.replace(self, run_name=default_run_name(self.env_id, self.seed, now))
 
-    def torch_dtype(self) -> Any:
+    def torch_dtype(self) -> torch.dtype:
         """The ``torch.dtype`` named by :attr:`dtype`."""
-        import torch  # local: keep `import trpo.config` light for the CLI's --help
-
         return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
 
-    def torch_device(self) -> Any:
+    def torch_device(self) -> torch.device:
         """The ``torch.device`` named by :attr:`device` (``'auto'``: cuda when available)."""
-        import torch
-
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -373,87 +424,12 @@ def _tuple_fields() -> list[str]:
     ]
 
 
-# --- presets --------------------------------------------------------------------------------
-# Starting points from rl-baselines3-zoo's tuned TRPO hyperparameters (hyperparams/trpo.yml);
-# zoo's `normalize: true` is obs + reward normalisation, `batch_size` is the critic minibatch.
-# The scores they reach are in docs/benchmarks.md.
-_MUJOCO: dict[str, Any] = dict(
-    total_steps=1_000_000,
-    n_envs=2,
-    n_steps=1024,
-    gamma=0.99,
-    gae_lambda=0.95,
-    max_kl=0.01,
-    cg_iters=25,
-    cg_damping=0.1,
-    critic_lr=1e-3,
-    critic_epochs=20,
-    critic_minibatch_size=128,
-    normalize_obs=True,
-    normalize_reward=True,
-)
-
-PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
-    {
-        "CartPole-v1": MappingProxyType(
-            dict(
-                total_steps=100_000,
-                n_envs=2,
-                n_steps=512,
-                gamma=0.99,
-                gae_lambda=0.98,
-                cg_damping=1e-3,
-                critic_lr=1e-3,
-                critic_epochs=20,
-                critic_minibatch_size=512,
-            )
-        ),
-        # zoo's Pendulum uses gSDE; with plain Gaussian noise a larger batch and trust region
-        # and a short horizon (γ = 0.9) are the usual remedy.
-        "Pendulum-v1": MappingProxyType(
-            dict(
-                total_steps=200_000,
-                n_envs=4,
-                n_steps=512,
-                gamma=0.9,
-                gae_lambda=0.95,
-                max_kl=0.03,
-                cg_iters=15,
-                cg_damping=0.1,
-                critic_lr=1e-3,
-                critic_epochs=20,
-                critic_minibatch_size=256,
-                normalize_obs=True,
-                normalize_reward=True,
-            )
-        ),
-        "Hopper-v5": MappingProxyType(dict(_MUJOCO)),
-        # zoo tunes HalfCheetah with a wider trust region (target_kl 0.04).
-        "HalfCheetah-v5": MappingProxyType({**_MUJOCO, "max_kl": 0.04}),
-        "Walker2d-v5": MappingProxyType(dict(_MUJOCO)),
-    }
-)
-"""Per-env overrides of the :class:`TRPOConfig` defaults, applied by :func:`config_for`."""
+def _dir_name(path: str) -> str:
+    """The last component of ``path``, also for ``.`` or ``runs/x/`` (not following links)."""
+    return Path(os.path.abspath(path)).name
 
 
-def config_for(env_id: str, **overrides: Any) -> TRPOConfig:
-    """The config for ``env_id``: dataclass defaults < ``PRESETS[env_id]`` < ``overrides``.
-
-    Envs without a preset get the dataclass defaults.
-
-    Raises:
-        ValueError: on an override that is not a field, or an invalid value.
-    """
-    names = {f.name for f in dataclasses.fields(TRPOConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown TRPOConfig field(s): {', '.join(unknown)}")
-    if "env_id" in overrides and overrides["env_id"] != env_id:
-        raise ValueError(f"env_id given twice: {env_id!r} and {overrides['env_id']!r}")
-    values = {**PRESETS.get(env_id, {}), **overrides, "env_id": env_id}
-    return TRPOConfig(**values)
-
-
+# --- env ids and run names --------------------------------------------------------------------
 def check_env_id(env_id: str) -> None:
     """Raise if ``env_id`` is not registered with gymnasium (without creating the env).
 
@@ -463,10 +439,6 @@ def check_env_id(env_id: str) -> None:
     Raises:
         ValueError: naming the id, close matches, and how to list the registered ids.
     """
-    import difflib
-
-    import gymnasium
-
     if ":" in env_id or env_id in gymnasium.registry:
         return
     close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=3)
@@ -484,29 +456,29 @@ def default_run_name(env_id: str, seed: int, now: _dt.datetime | None = None) ->
     return f"{safe_env}__{seed}__{now:%Y%m%d-%H%M%S}"
 
 
-# --- JSON persistence -----------------------------------------------------------------------
+# --- JSON persistence and resume --------------------------------------------------------------
 def save_config(config: TRPOConfig, run_dir: str | os.PathLike[str]) -> Path:
     """Write ``config.to_dict()`` as ``run_dir/config.json`` (atomically); return the path."""
     path = Path(run_dir) / CONFIG_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    return atomic_write_bytes(path, text.encode())
 
 
 def load_config(run_dir: str | os.PathLike[str]) -> TRPOConfig:
-    """Read ``run_dir/config.json`` written by :func:`save_config`.
+    """Read ``run_dir/config.json`` written by :func:`save_config` (every field counts as given).
 
     Raises:
         ValueError: if the file is missing, not JSON, or holds invalid fields.
     """
     path = Path(run_dir) / CONFIG_FILENAME
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular_file(path, max_bytes=_MAX_CONFIG_BYTES))
     except FileNotFoundError:
         raise ValueError(f"{path} not found: is {run_dir} a run directory?") from None
-    except json.JSONDecodeError as e:
+    except RunDirError as e:  # a link, FIFO or device, or far too large: never read it
+        raise ValueError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     try:
         return TRPOConfig.from_dict(data)
@@ -514,179 +486,30 @@ def load_config(run_dir: str | os.PathLike[str]) -> TRPOConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-# --- CLI ------------------------------------------------------------------------------------
-_ENV_FLAGS = ("--env", "--env-id", "--env_id")
-
-
-def _scan_flag(argv: Sequence[str], flags: Sequence[str]) -> str | None:
-    """Value of the last ``--flag VALUE`` / ``--flag=VALUE`` in ``argv`` (argparse: last wins)."""
-    value = None
-    for i, tok in enumerate(argv):
-        if tok == "--":
-            break
-        if tok in flags and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value = argv[i + 1]
-        else:
-            for f in flags:
-                if tok.startswith(f + "="):
-                    value = tok[len(f) + 1 :]
-    return value
-
-
-def parse_cli(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TRPOConfig:
-    """Build a :class:`TRPOConfig` from command-line flags named after the fields.
-
-    ``--env-id`` (alias ``--env``) is read first to pick the preset, which then serves as the
-    defaults shown by ``--help``; any flag the user typed overrides it. With
-    ``--resume RUN_DIR`` the run's saved ``config.json`` is the base instead, and typed flags
-    still override it (e.g. a larger ``--total-steps``); its env may not be changed.
-
-    Args:
-        argv: arguments without the program name (default ``sys.argv[1:]``).
-        prog: program name shown in the usage line.
+def resume_config(config: TRPOConfig) -> TRPOConfig:
+    """The config a resumed run trains with: the saved ``config.json`` of ``config.resume``,
+    with the fields in ``config.given_fields`` taken from ``config`` (all others are the
+    saved ones); ``run_name`` is the run directory's name. Idempotent.
 
     Raises:
-        SystemExit: on ``--help`` (code 0) or a bad flag or value (code 2, after printing a
-            message that names the field).
+        ValueError: ``config.resume`` is None or has no valid ``config.json``, or a given field
+            in :data:`FIXED_ON_RESUME` differs from the saved one.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    env_id = _scan_flag(argv, _ENV_FLAGS)
-    resume = _scan_flag(argv, ("--resume",))
-    try:
-        if resume is not None and resume != "None":
-            saved = load_config(resume)
-            if env_id is not None and env_id != saved.env_id:
-                raise ValueError(
-                    f"--env-id {env_id} differs from the env of the run being resumed "
-                    f"({saved.env_id}); start a new run instead"
-                )
-            base = dataclasses.replace(saved, resume=resume)
-        else:
-            base = config_for(env_id or TRPOConfig.env_id)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return tyro.cli(TRPOConfig, args=argv, default=base, prog=prog)
-
-
-# --- memory budget (issue 6: refuse what would not fit rather than be OOM-killed) ------------
-class MemoryBudgetError(ValueError):
-    """The rollout/update buffers of a config would not fit in the available memory."""
-
-
-def estimate_rollout_bytes(config: TRPOConfig, obs_dim: int, act_dim: int) -> int:
-    """Conservative estimate of the memory one rollout and one update need, in bytes.
-
-    With ``B = n_envs·n_steps``, ``b`` the dtype's bytes, ``W_a = obs_dim + Σhidden + act_dim``
-    and ``W_c = obs_dim + Σhidden + 1`` (actor and critic widths) and
-    ``B_f = ceil(fvp_fraction·B)``::
-
-        rollout = B · (2·obs_dim + 3·act_dim + 8) · b
-            # obs, true next obs, action, π_old's parameters (≤ 2·act_dim), and 8 scalars:
-            # log-prob, reward, termination, truncation, value, next value, advantage, return
-        update  = (2·B·W_a + 4·B_f·W_a + 2·B·W_c) · b
-            # activations (pre/post) kept for the surrogate gradient (B states), the Fisher
-            # linearisation plus its tangents (B_f states) and the critic's values (B states)
-        total   = 1.5 · (rollout + update)      # allocator slack and temporaries
-
-    Args:
-        config: the run's config.
-        obs_dim: flattened observation size.
-        act_dim: distribution parameters per state: K logits for Discrete(K), d for a
-            d-dimensional Box (mean; log σ is state-independent), Σ K_i for MultiDiscrete.
-
-    Returns:
-        The estimate in bytes (an int).
-    """
-    for name, v in (("obs_dim", obs_dim), ("act_dim", act_dim)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int (got {v!r})")
-    b = 4 if config.dtype == "float32" else 8
-    batch = config.batch_size
-    fvp_batch = math.ceil(config.fvp_fraction * batch)
-    hidden = sum(config.hidden_sizes)
-    w_actor = obs_dim + hidden + act_dim
-    w_critic = obs_dim + hidden + 1
-    rollout = batch * (2 * obs_dim + 3 * act_dim + 8) * b
-    update = (2 * batch * w_actor + 4 * fvp_batch * w_actor + 2 * batch * w_critic) * b
-    return math.ceil(1.5 * (rollout + update))
-
-
-def available_memory_bytes() -> int | None:
-    """Memory this process may still use: the least of the OS's available memory and any
-    cgroup (container) limit; None when it cannot be determined."""
-    candidates: list[int] = []
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    candidates.append(int(line.split()[1]) * 1024)
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if not candidates:
-        try:
-            candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            pass
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),  # cgroup v1
-    ):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-            if limit != "max" and int(limit) < 2**60:  # v1 reports "no limit" as a huge number
-                candidates.append(max(int(limit) - usage, 0))
-        except (OSError, ValueError):
-            pass
-    return min(candidates) if candidates else None
-
-
-def check_memory(
-    config: TRPOConfig, obs_dim: int, act_dim: int, *, available_bytes: int | None = None
-) -> int:
-    """Refuse a batch configuration whose buffers would not fit in memory.
-
-    The budget is, in order: ``available_bytes`` if given, ``config.memory_limit_gb`` if set,
-    else :func:`available_memory_bytes` (and, for a CUDA device, the GPU's free memory too).
-    Without any known budget the check passes.
-
-    Returns:
-        The estimate of :func:`estimate_rollout_bytes`, in bytes.
-
-    Raises:
-        MemoryBudgetError: (a ``ValueError``) with the estimate, the budget and what to lower.
-    """
-    need = estimate_rollout_bytes(config, obs_dim, act_dim)
-    budgets: list[tuple[int, str]] = []
-    if available_bytes is not None:
-        budgets.append((int(available_bytes), "the given budget"))
-    elif config.memory_limit_gb is not None:
-        budgets.append((int(config.memory_limit_gb * _GIB), "memory_limit_gb"))
-    else:
-        host = available_memory_bytes()
-        if host is not None:
-            budgets.append((host, "available host memory"))
-        if config.device.startswith("cuda") or config.device == "auto":
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    dev = config.torch_device()
-                    budgets.append((torch.cuda.mem_get_info(dev)[0], f"free memory on {dev}"))
-            except Exception:  # a broken CUDA setup is reported when the device is used
-                pass
-    for budget, what in budgets:
-        if need > budget:
-            raise MemoryBudgetError(
-                f"a batch of n_envs × n_steps = {config.n_envs} × {config.n_steps} = "
-                f"{config.batch_size} transitions (obs_dim {obs_dim}, act_dim {act_dim}, "
-                f"hidden {config.hidden_sizes}, {config.dtype}) needs about "
-                f"{need / _GIB:.2f} GiB, more than {what} ({budget / _GIB:.2f} GiB); "
-                "lower n_envs or n_steps (or fvp_fraction), or raise memory_limit_gb"
+    if config.resume is None:
+        raise ValueError("resume is None: resume_config needs the run directory to continue")
+    saved = load_config(config.resume)
+    overrides = {
+        name: getattr(config, name)
+        for name in config.given_fields - {"resume", "run_name"}
+        if getattr(config, name) != getattr(saved, name)
+    }
+    for name in FIXED_ON_RESUME:
+        if name in overrides:
+            raise ValueError(
+                f"{name} is {overrides[name]!r} but the run in {config.resume} was made with "
+                f"{getattr(saved, name)!r}: a resumed run keeps its {name} (its checkpoint "
+                "holds networks and statistics made for it); start a new run to change it"
             )
-    return need
+    return dataclasses.replace(
+        saved, **overrides, resume=config.resume, run_name=_dir_name(config.resume)
+    )

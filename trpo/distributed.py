@@ -4,13 +4,14 @@ Launched as ``torchrun --nproc-per-node N -m trpo.run ...`` (see docs/distribute
 rank runs the whole training loop on its own envs (seeded apart: :meth:`DataParallel.env_seed`),
 and every mean over samples is a mean over the *global* batch (``natgrad.distributed``):
 
-* policy step (``trpo.update.policy_step(distributed=True)``): the surrogate and its
-  gradient, every Fisher-vector product, the line-search surrogate and KL, the entropy;
-* critic fit (``trpo.update.fit_critic(distributed=True)``): the gradient of every
-  minibatch, all-reduced before each Adam step;
+* given :attr:`DataParallel.reducer` (a ``natgrad.distributed.Reducer``): the policy step
+  (``trpo.update.policy_step``: the surrogate and its gradient, every Fisher-vector product,
+  the line-search surrogate and KL, the entropy), the critic fit (``trpo.critic.fit_critic``:
+  the gradient of every minibatch, all-reduced before each Adam step), the advantage
+  normalisation (``trpo.gae.normalize_advantages``) and the explained variance
+  (``trpo.critic.explained_variance``);
 * here: the observation / return normaliser statistics (:class:`SyncedRunningMeanStd`,
-  merged counts, means and variances), advantage normalisation (global mean and std), the
-  explained variance and the episode statistics (gathered);
+  merged counts, means and variances) and the episode statistics (gathered);
 
 so the parameters stay bit-identical on every rank; :meth:`DataParallel.check_agreement`
 verifies it every update with a two-number checksum per rank. Rank 0 alone writes the config,
@@ -34,9 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from natgrad import distributed as nd
-from trpo.gae import normalize_advantages as _normalize_advantages
 from trpo.normalize import RewardScaler, RunningMeanStd
-from trpo.update import explained_variance as _explained_variance
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -160,6 +159,13 @@ class DataParallel:
         """Rank 0."""
         return self.rank == 0
 
+    @property
+    def reducer(self) -> nd.Reducer:
+        """The reduction over ranks that the numerical steps receive: every mean over samples
+        becomes a mean over the global batch (the identity :data:`natgrad.distributed.LOCAL` in one
+        process), so no step asks whether the run is distributed."""
+        return nd.Reducer() if self.enabled else nd.LOCAL
+
     # ------------------------------------------------------------------ set-up
     @classmethod
     def from_env(cls, device: torch.device | str = "cpu") -> DataParallel:
@@ -238,27 +244,6 @@ class DataParallel:
         if reward_scaler is not None:
             reward_scaler.return_rms = SyncedRunningMeanStd(reward_scaler.return_rms)
         return obs_rms, reward_scaler
-
-    def normalize_advantages(self, advantages: Tensor, eps: float = 1e-8) -> Tensor:
-        """``(A − μ) / (σ + eps)`` with the mean and population std of the global batch."""
-        if not self.enabled:
-            return _normalize_advantages(advantages, eps)
-        a = advantages.detach().to(torch.float64)
-        mean, var, _ = nd.merge_moments(
-            a.mean().reshape(1), a.var(correction=0).reshape(1), a.numel()
-        )
-        mean, std = mean.to(advantages.dtype), var.sqrt().to(advantages.dtype)
-        return (advantages - mean) / (std + eps)
-
-    def explained_variance(self, values: Tensor, returns: Tensor) -> float:
-        """``1 − Var(R − V) / Var(R)`` over the global batch (NaN if ``Var(R) = 0``)."""
-        if not self.enabled:
-            return _explained_variance(values, returns)
-        x = torch.stack([returns, returns - values], dim=1).detach().to(torch.float64)
-        _, var, _ = nd.merge_moments(x.mean(0), x.var(0, correction=0), x.shape[0])
-        if float(var[0]) == 0.0:
-            return math.nan
-        return float(1.0 - var[1] / var[0])
 
     def gather(self, x: Tensor) -> Tensor:
         """Every rank's ``(n_r, ...)`` rows, concatenated in rank order (episode statistics)."""

@@ -1,10 +1,15 @@
-"""Deterministic evaluation of a trained policy, as a function and as a command.
+"""Command line: evaluate the newest valid checkpoint of a run directory.
 
-    python -m trpo.evaluate RUN_DIR [--episodes 10] [--seed 0] [--video]
+    python -m trpo.evaluate RUN_DIR [--episodes 10] [--seed 0] [--video] [--allow-import]
+        [--max-episode-steps N]
 
-loads the run's ``config.json`` and newest valid checkpoint, runs the deterministic policy
-(argmax / Gaussian mean) with the observation statistics frozen, prints the returns, and with
-``--video`` writes ``RUN_DIR/eval.gif`` when the env renders rgb arrays.
+loads the run's ``config.json`` and newest valid checkpoint that fits its env, runs the
+deterministic policy (argmax / Gaussian mean) with the observation statistics frozen, prints
+the returns, and with ``--video`` writes ``RUN_DIR/eval.gif`` when the env renders rgb arrays.
+
+Every error (missing run directory, no valid checkpoint, a ``module:`` env id without
+``--allow-import``, bad flags) is one line on stderr and exit code 2; no traceback.
+The library functions are in :mod:`trpo.evaluation` (re-exported here for older callers).
 """
 
 from __future__ import annotations
@@ -12,143 +17,79 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-import gymnasium as gym
 import numpy as np
-import torch
 
-from trpo.normalize import RunningMeanStd
-from trpo.policy import Actor, make_actor, mode
-from trpo.rollout import env_action_converter
+from trpo.evaluation import evaluate_policy, load_policy
+from trpo.fileio import RunDirError
 
 __all__ = ["evaluate_policy", "load_policy", "main"]
 
+_PROG = "python -m trpo.evaluate"
 
-def evaluate_policy(
-    actor: Actor,
-    env_id: str,
-    *,
-    episodes: int = 10,
-    obs_normalizer: RunningMeanStd | None = None,
-    seed: int = 0,
-    video_path: str | Path | None = None,
-    max_video_frames: int = 1000,
-) -> list[float]:
-    """Undiscounted returns of ``episodes`` episodes of the deterministic policy.
 
-    Args:
-        actor: The policy; its mode (argmax, mean, per-head argmax, ``logits > 0``) is played.
-        env_id: Gymnasium id.
-        episodes: Number of episodes (≥ 1), episode ``i`` reset with seed ``seed + i``.
-        obs_normalizer: Statistics the actor was trained with; used frozen (never updated).
-        seed: Base seed.
-        video_path: If given, the first episode is rendered (``render_mode="rgb_array"``) into
-            this GIF file (needs Pillow, which matplotlib brings). When the env's renderer is
-            not installed (e.g. pygame for classic control) a warning is issued, no file is
-            written, and the returns are still computed.
-        max_video_frames: Frames kept for the GIF.
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line instead of argparse's usage block + message.
+        self.exit(2, f"{_PROG}: error: {message} (see --help)\n")
 
-    Returns:
-        One return per episode.
-    """
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
-    env = gym.make(env_id, render_mode="rgb_array" if video_path is not None else None)
-    to_env = env_action_converter(env.action_space)
-    param = next(actor.parameters())
-    frames: list[np.ndarray] = []
-    returns: list[float] = []
-    recording = video_path is not None
 
-    def grab() -> None:
-        nonlocal recording
-        if len(frames) >= max_video_frames:
-            return
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int ≥ ``low``, else a one-line parser error."""
+
+    def parse(text: str) -> int:
         try:
-            frame = env.render()
-        except gym.error.DependencyNotInstalled as e:
-            # A missing renderer (pygame, OpenGL) costs the video, not the evaluation.
-            warnings.warn(f"no video written: {e}", stacklevel=3)
-            recording = False
-            return
-        if frame is not None:
-            frames.append(np.asarray(frame))
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
 
-    try:
-        for i in range(episodes):
-            obs, _ = env.reset(seed=seed + i)
-            if recording and i == 0:
-                grab()
-            done, total = False, 0.0
-            while not done:
-                x = torch.as_tensor(np.asarray(obs), dtype=param.dtype, device=param.device)
-                if obs_normalizer is not None:
-                    x = obs_normalizer.normalize(x)
-                with torch.inference_mode():
-                    action = mode(actor.family, actor(x.unsqueeze(0)))[0]
-                obs, reward, terminated, truncated, _ = env.step(to_env(action.cpu().numpy()))
-                total += float(reward)
-                done = bool(terminated or truncated)
-                if recording and i == 0:
-                    grab()
-            returns.append(total)
-    finally:
-        env.close()
-    if video_path is not None and frames:
-        from PIL import Image
-
-        images = [Image.fromarray(f) for f in frames]
-        fps = env.metadata.get("render_fps", 30) or 30
-        images[0].save(
-            video_path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0
-        )
-    return returns
+    return parse
 
 
-def load_policy(run_dir: str | Path) -> tuple[Actor, RunningMeanStd | None, str]:
-    """The actor, frozen observation statistics and env id of a run's newest valid checkpoint."""
-    from trpo.checkpoint import load_latest_checkpoint
-    from trpo.config import load_config
-
-    config = load_config(run_dir)
-    env = gym.make(config.env_id)
-    try:
-        actor = make_actor(env.observation_space, env.action_space, config.hidden_sizes)
-    finally:
-        env.close()
-    actor = actor.to(dtype=config.torch_dtype())
-    state = load_latest_checkpoint(run_dir).state
-    actor.load_state_dict(state["actor"])
-    obs_rms = None
-    if "obs_rms" in state:
-        obs_rms = RunningMeanStd(tuple(env.observation_space.shape), clip=config.obs_clip)
-        obs_rms.load_state_dict(state["obs_rms"])
-        obs_rms.frozen = True
-    return actor, obs_rms, config.env_id
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=_PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="run directory written by python -m trpo.run")
+    parser.add_argument("--episodes", type=_int_at_least(1), default=10)
+    parser.add_argument("--seed", type=_int_at_least(0), default=0)
+    parser.add_argument("--video", action="store_true", help="write RUN_DIR/eval.gif")
+    parser.add_argument(
+        "--max-episode-steps",
+        type=_int_at_least(1),
+        default=None,
+        help="cap on an episode's steps (default: the env's limit, else 10000)",
+    )
+    parser.add_argument(
+        "--allow-import",
+        action="store_true",
+        help="let a 'module:Env-v0' env id in the run's config.json import its module "
+        "(runs that module's code: only for run directories you trust)",
+    )
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: evaluate the newest checkpoint of a run directory."""
-    parser = argparse.ArgumentParser(
-        prog="python -m trpo.evaluate", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("run_dir", help="run directory written by python -m trpo.run")
-    parser.add_argument("--episodes", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--video", action="store_true", help="write RUN_DIR/eval.gif")
-    args = parser.parse_args(argv)
-    actor, obs_rms, env_id = load_policy(args.run_dir)
-    video = Path(args.run_dir) / "eval.gif" if args.video else None
-    returns = evaluate_policy(
-        actor,
-        env_id,
-        episodes=args.episodes,
-        obs_normalizer=obs_rms,
-        seed=args.seed,
-        video_path=video,
-    )
+    """CLI: evaluate the newest valid checkpoint of a run directory.
+
+    Returns:
+        0 on success, 2 on any error (printed as one line on stderr).
+    """
+    args = _parser().parse_args(argv)
+    run_dir = Path(args.run_dir)
+    saved_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        returns, env_id, video = _run(args, run_dir)
+    except (ValueError, RunDirError) as e:  # CheckpointError is a RunDirError
+        print(f"{_PROG}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = saved_format
     print(
         f"{env_id}: mean return {np.mean(returns):.1f} ± {np.std(returns):.1f} over "
         f"{len(returns)} episodes"
@@ -156,6 +97,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if video is not None:
         print(f"video: {video}" if video.exists() else "video: none (see the warning above)")
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    # One line per warning instead of "file:line: Category: message" plus the source line.
+    return f"warning: {message}\n"
+
+
+def _run(args: argparse.Namespace, run_dir: Path) -> tuple[list[float], str, Path | None]:
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a directory")
+    actor, obs_rms, env_id = load_policy(run_dir, allow_import=args.allow_import)
+    video = run_dir / "eval.gif" if args.video else None
+    returns = evaluate_policy(
+        actor,
+        env_id,
+        episodes=args.episodes,
+        obs_normalizer=obs_rms,
+        seed=args.seed,
+        video_path=video,
+        max_episode_steps=args.max_episode_steps,
+    )
+    return returns, env_id, video
 
 
 if __name__ == "__main__":

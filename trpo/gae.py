@@ -19,7 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from natgrad.distributed import LOCAL, Reducer
+
 __all__ = ["compute_gae", "normalize_advantages"]
+
+
+"""The identity reduction of a single process."""
 
 
 def compute_gae(
@@ -79,16 +84,33 @@ def compute_gae(
     return advantages, advantages + values
 
 
-def normalize_advantages(advantages: Tensor, eps: float = 1e-8) -> Tensor:
-    """``(A − mean A) / (std A + eps)`` over all elements (population std).
+def normalize_advantages(
+    advantages: Tensor, eps: float = 1e-8, *, reducer: Reducer = LOCAL
+) -> Tensor:
+    """``(A − μ) / (σ + eps)``, with ``μ``, ``σ`` the mean and population std of the batch.
+
+    When the batch is split over ranks (rank ``r`` holds ``n_r`` of the ``N`` elements, with
+    local moments ``μ_r``, ``σ_r``), ``reducer.mean(x, w_r) = Σ_r w_r x_r`` gives the
+    moments of the whole batch exactly (Chan et al.)::
+
+        μ = Σ_r w_r μ_r,    σ² = Σ_r w_r (σ_r² + (μ_r − μ)²),    w_r = n_r / N
+
+    In one process (``reducer`` the identity) this is ``(A − mean A) / (std A + eps)`` bit for
+    bit: ``sqrt(σ_r²)`` of a float64 square gives ``σ_r`` back.
 
     Args:
-        advantages: Any shape, e.g. ``(T, N)``.
+        advantages: This rank's advantages, any shape, e.g. ``(T, N)``.
         eps: Guards a constant batch (then the result is 0).
+        reducer: The mean over ranks (``natgrad.distributed.Reducer``); :data:`LOCAL` for one
+            process.
 
     Returns:
         Same shape and dtype.
     """
-    mean = advantages.mean()
-    std = advantages.std(correction=0)
+    mean, std = advantages.mean(), advantages.std(correction=0)
+    m, s = mean.double(), std.double()  # the moments travel in float64
+    weight = reducer.weight(advantages.numel())
+    global_mean = reducer.mean(m, weight)
+    global_var = reducer.mean(s * s + (m - global_mean) ** 2, weight)
+    mean, std = global_mean.to(advantages.dtype), global_var.sqrt().to(advantages.dtype)
     return (advantages - mean) / (std + eps)

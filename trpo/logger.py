@@ -29,11 +29,22 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
+
+from trpo.fileio import (
+    RunDirError,
+    atomic_write_bytes,
+    atomic_writer,
+    describe_os_error,
+    open_append_regular,
+    read_regular_file,
+    refuse_symlink,
+)
 
 __all__ = [
     "CSV_FILENAME",
     "METRIC_KEYS",
+    "MetricsFileError",
     "STEP_COLUMN",
     "TENSORBOARD_DIRNAME",
     "MetricsLogger",
@@ -132,26 +143,81 @@ def _parse(cell: str) -> int | float:
         return float(cell)
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[list[str]], bool]:
-    """Header, complete rows, and whether a last line cut short (no newline) was dropped."""
-    text = path.read_text()
-    partial = bool(text) and not text.endswith("\n")
+class MetricsFileError(RunDirError, ValueError):
+    """``metrics.csv`` cannot be used: not a metrics CSV, a link, not a regular file, or not
+    writable. (A ``ValueError`` too, for callers that caught the older error.)"""
+
+
+class _CsvContent(NamedTuple):
+    header: list[str]
+    rows: list[list[str]]
+    partial: bool  # a last line cut short (no newline) was dropped
+    bad_lines: list[int]  # 1-based line numbers of dropped unreadable rows
+
+
+def _valid_row(row: list[str], width: int) -> bool:
+    """A row as :class:`MetricsLogger` writes it: ``width`` cells, an int step, numbers."""
+    if len(row) != width:
+        return False
+    try:
+        if int(row[0]) < 0:
+            return False
+        for cell in row[1:]:
+            _parse(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv(path: Path) -> _CsvContent:
+    """Read a metrics CSV (a regular file, never through a link). Rows that are not valid
+    UTF-8 or not rows of numbers of the header's width are dropped and their line numbers
+    reported, so that garbage bytes cost only the rows they hit."""
+    try:
+        data = read_regular_file(path)
+    except RunDirError as e:
+        raise MetricsFileError(str(e)) from None
+    partial = bool(data) and not data.endswith(b"\n")
     if partial:
-        text = text[: text.rfind("\n") + 1]
-    lines = list(csv.reader(text.splitlines()))
-    header = lines[0] if lines else []
-    return header, [row for row in lines[1:] if row], partial
+        data = data[: data.rfind(b"\n") + 1]
+    lines = data.split(b"\n")[:-1] if data else []
+    try:
+        header = next(csv.reader([lines[0].decode()])) if lines else []
+    except UnicodeDecodeError:
+        header = []
+    rows, bad = [], []
+    for number, raw in enumerate(lines[1:], start=2):
+        try:
+            row = next(csv.reader([raw.decode()]), [])
+        except (UnicodeDecodeError, csv.Error):
+            row = None
+        if row == []:
+            continue
+        if row is None or not _valid_row(row, len(header)):
+            bad.append(number)
+        else:
+            rows.append(row)
+    return _CsvContent(header, rows, partial, bad)
 
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with atomic_writer(path, "w") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+    except RunDirError as e:
+        raise MetricsFileError(str(e)) from None
+
+
+def _keep_damaged_copy(path: Path) -> Path:
+    """Save the bytes of a damaged CSV as ``<name>.damaged[-k]`` before it is repaired."""
+    for k in range(1000):
+        backup = path.with_name(f"{path.name}.damaged" + (f"-{k}" if k else ""))
+        if not os.path.lexists(backup):
+            break
+    atomic_write_bytes(backup, read_regular_file(path))
+    return backup
 
 
 class MetricsLogger:
@@ -166,6 +232,12 @@ class MetricsLogger:
     with a larger step, logged after that checkpoint and about to be produced again, are
     removed from the CSV, and TensorBoard purges its events after that step.
 
+    Damage: an existing CSV whose rows hold garbage bytes or are mangled (wrong width,
+    non-numbers) is **repaired by dropping those rows**, with a warning on stderr naming their
+    line numbers; the original bytes are kept as ``metrics.csv.damaged`` first, so nothing is
+    lost. A file whose header is not a metrics header is refused (:class:`MetricsFileError`).
+    ``metrics.csv`` is never opened through a symbolic link, and every rewrite is atomic.
+
     Args:
         run_dir: directory of the run (created if needed).
         tensorboard: also write TensorBoard events to ``run_dir/tensorboard`` if
@@ -173,6 +245,10 @@ class MetricsLogger:
             otherwise silently CSV only (see :attr:`tensorboard_enabled`).
         resume_step: drop rows after this step (see above); None = keep every existing row.
         flush_secs: TensorBoard flush interval in seconds.
+
+    Raises:
+        MetricsFileError: if the run directory or the CSV cannot be created or written (the
+            message names the path and what to do), or the CSV is not a metrics CSV.
     """
 
     def __init__(
@@ -188,29 +264,24 @@ class MetricsLogger:
         ):
             raise ValueError(f"resume_step must be None or an int ≥ 0 (got {resume_step!r})")
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.run_dir / CSV_FILENAME
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MetricsFileError(describe_os_error(self.run_dir, e, "create")) from e
+        if tensorboard:  # its events would be written (and purged on resume) elsewhere
+            try:
+                refuse_symlink(self.run_dir / TENSORBOARD_DIRNAME, "TensorBoard directory")
+            except RunDirError as e:
+                raise MetricsFileError(str(e)) from None
         self._columns: list[str] = []
-        fresh = True
-        if self.csv_path.exists() and self.csv_path.stat().st_size > 0:
-            fresh = False
-            header, rows, partial = _read_csv(self.csv_path)
-            if not header or header[0] != STEP_COLUMN:
-                raise ValueError(
-                    f"{self.csv_path} is not a metrics CSV (first column "
-                    f"{header[:1]!r}, expected {STEP_COLUMN!r})"
-                )
-            self._columns = header[1:]
-            kept = rows
-            if resume_step is not None:
-                kept = [r for r in rows if _parse(r[0]) <= resume_step]
-            if partial or len(kept) != len(rows):  # drop a row cut by a kill, or purged rows
-                _write_csv_atomic(self.csv_path, header, kept)
-        self._file: IO[str] | None = open(self.csv_path, "a", newline="")
-        self._writer = csv.writer(self._file)
+        fresh = not (os.path.lexists(self.csv_path) and os.lstat(self.csv_path).st_size > 0)
+        if not fresh:
+            self._columns = self._repair(resume_step)
+        self._file: IO[str] | None = None
+        self._reopen()
         if fresh:
-            self._writer.writerow([STEP_COLUMN])
-            self._file.flush()
+            self._write_row([STEP_COLUMN])
         self._tb: Any = None
         if tensorboard:
             try:
@@ -223,6 +294,44 @@ class MetricsLogger:
                     purge_step=None if resume_step is None else resume_step + 1,
                     flush_secs=flush_secs,
                 )
+
+    def _repair(self, resume_step: int | None) -> list[str]:
+        """Drop cut, damaged and purged rows of the existing CSV; return its metric columns."""
+        header, rows, partial, bad = _read_csv(self.csv_path)
+        if not header or header[0] != STEP_COLUMN:
+            raise MetricsFileError(
+                f"{self.csv_path} is not a metrics CSV (first column {header[:1]!r}, expected "
+                f"{STEP_COLUMN!r}); move it away, or resume another run"
+            )
+        kept = rows
+        if resume_step is not None:
+            kept = [r for r in rows if _parse(r[0]) <= resume_step]
+        if bad:
+            backup = _keep_damaged_copy(self.csv_path)
+            shown = ", ".join(map(str, bad[:10])) + (" …" if len(bad) > 10 else "")
+            print(
+                f"warning: {self.csv_path}: dropped {len(bad)} unreadable row(s) (line "
+                f"{shown}); the original is kept as {backup.name}",
+                file=sys.stderr,
+            )
+        if partial or bad or len(kept) != len(rows):  # cut by a kill, damaged or purged rows
+            _write_csv_atomic(self.csv_path, header, kept)
+        return header[1:]
+
+    def _reopen(self) -> None:
+        try:
+            self._file = open_append_regular(self.csv_path)
+        except RunDirError as e:
+            raise MetricsFileError(str(e)) from None
+        self._writer = csv.writer(self._file)
+
+    def _write_row(self, row: Sequence[Any]) -> None:
+        assert self._file is not None
+        try:
+            self._writer.writerow(row)
+            self._file.flush()
+        except OSError as e:
+            raise MetricsFileError(describe_os_error(self.csv_path, e)) from e
 
     @property
     def tensorboard_enabled(self) -> bool:
@@ -262,8 +371,7 @@ class MetricsLogger:
         new = [k for k in values if k not in self._columns]
         if new:
             self._widen(new)
-        self._writer.writerow([int(step)] + [_format(values.get(k)) for k in self._columns])
-        self._file.flush()
+        self._write_row([int(step)] + [_format(values.get(k)) for k in self._columns])
         if self._tb is not None:
             for key, v in values.items():
                 self._tb.add_scalar(key, v, int(step))
@@ -272,30 +380,35 @@ class MetricsLogger:
         """Rewrite the CSV with ``new_keys`` appended to the header."""
         if self._file is not None:
             self._file.close()
-        _, rows, _ = _read_csv(self.csv_path)
+        rows = _read_csv(self.csv_path).rows
         self._columns.extend(new_keys)
         pad = [""] * len(new_keys)
         _write_csv_atomic(self.csv_path, [STEP_COLUMN, *self._columns], [r + pad for r in rows])
-        self._file = open(self.csv_path, "a", newline="")
-        self._writer = csv.writer(self._file)
+        self._reopen()
 
     def flush(self) -> None:
         """Push buffered CSV rows and TensorBoard events to disk."""
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                raise MetricsFileError(describe_os_error(self.csv_path, e)) from e
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
         """Flush and close; further :meth:`log` calls raise. Idempotent."""
-        if self._file is not None:
+        try:
             self.flush()
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        finally:  # closed even when the flush failed (disk full), so the error is the flush's
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+                self._file = None
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -306,8 +419,9 @@ class MetricsLogger:
 
 def read_metrics(csv_path: str | os.PathLike[str]) -> dict[str, list[Any]]:
     """Columns of a metrics CSV: ``global_step`` as ints, every other column as floats with
-    NaN where a row had no value (or logged NaN)."""
-    header, rows, _ = _read_csv(Path(csv_path))
+    NaN where a row had no value (or logged NaN). Unreadable rows are skipped (see
+    :class:`MetricsLogger`, which repairs the file and keeps the original)."""
+    header, rows, _, _ = _read_csv(Path(csv_path))
     columns: dict[str, list[Any]] = {name: [] for name in header}
     for row in rows:
         row = row + [""] * (len(header) - len(row))
@@ -377,7 +491,9 @@ def plot_learning_curve(
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
+    # Via a temporary file and os.replace: a link at png_path is replaced, never followed.
+    with atomic_writer(png_path) as f:
+        fig.savefig(f, format=png_path.suffix.lstrip(".").lower() or "png")
     return png_path
 
 

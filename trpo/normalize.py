@@ -35,20 +35,17 @@ def _as_float64(x: Tensor | np.ndarray | Sequence[float]) -> Tensor:
 class RunningMeanStd:
     """Running mean and (population) variance of a stream of arrays of shape ``shape``.
 
-    Starts at ``count = 0, mean = 0, var = 1`` so that :meth:`normalize` is the
-    identity (up to clipping) until the first :meth:`update`.
+    Starts at ``count = 0, mean = 0, var = 1``, so that :meth:`normalize` is the identity (up
+    to clipping) until the first :meth:`update`.
 
     Args:
         shape: Shape of one sample (``()`` for scalars).
         epsilon: Added to the variance in :meth:`normalize`.
         clip: Normalised values are clipped to ``[−clip, clip]`` (``None``: no clipping).
-        frozen: If true, :meth:`update` does nothing (evaluation mode).
+        frozen: If true, :meth:`update` does nothing (evaluation mode); may be set at any time.
 
     Attributes:
-        count: Number of samples seen (float64 scalar tensor).
-        mean: ``shape`` float64 mean.
-        var: ``shape`` float64 population variance.
-        frozen: The evaluation flag; may be set at any time.
+        count, mean, var: float64 tensors of shapes ``()``, ``shape``, ``shape``.
     """
 
     def __init__(
@@ -64,23 +61,12 @@ class RunningMeanStd:
         if clip is not None and clip <= 0:
             raise ValueError(f"clip must be positive or None, got {clip}")
         self.shape = tuple(int(s) for s in shape)
-        self.epsilon = float(epsilon)
-        self.clip = clip
-        self.frozen = bool(frozen)
+        self.epsilon, self.clip, self.frozen = float(epsilon), clip, bool(frozen)
         self.count = torch.zeros((), dtype=torch.float64)
         self.mean = torch.zeros(self.shape, dtype=torch.float64)
         self.var = torch.ones(self.shape, dtype=torch.float64)
+        # (mean, 1/std) cast per (dtype, device); cleared whenever the statistics change.
         self._cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
-
-    # -- statistics ------------------------------------------------------------
-
-    @staticmethod
-    def moments(x: Tensor | np.ndarray) -> tuple[Tensor, Tensor, int]:
-        """``(mean, population var, count)`` of a batch ``(B, *shape)`` in float64."""
-        x = _as_float64(x)
-        if x.ndim == 0:
-            raise ValueError("x must have a leading batch dimension")
-        return x.mean(0), x.var(0, correction=0), int(x.shape[0])
 
     def update(self, x: Tensor | np.ndarray) -> None:
         """Merge a batch ``x`` of shape ``(B, *shape)`` (no-op when frozen or ``B = 0``).
@@ -95,21 +81,13 @@ class RunningMeanStd:
             return
         if not torch.isfinite(x).all():
             raise ValueError("x contains non-finite values; refusing to update the statistics")
-        self.update_from_moments(*self.moments(x))
+        self.update_from_moments(x.mean(0), x.var(0, correction=0), x.shape[0])
 
     def update_from_moments(
         self, batch_mean: Tensor, batch_var: Tensor, batch_count: float | Tensor
     ) -> None:
-        """Merge a batch given by its moments (parallel update; no-op when frozen).
-
-        This is the merge a distributed run uses after all-reducing per-rank
-        moments (or merging :meth:`state_dict` s of other ranks).
-
-        Args:
-            batch_mean: ``shape`` mean of the batch.
-            batch_var: ``shape`` population variance of the batch.
-            batch_count: Number of samples in the batch (≥ 0).
-        """
+        """Merge a batch given by its mean, population variance and count (Chan et al.'s
+        update in the module docstring; no-op when frozen or the count is 0)."""
         if self.frozen:
             return
         batch_mean, batch_var = _as_float64(batch_mean), _as_float64(batch_var)
@@ -120,65 +98,42 @@ class RunningMeanStd:
             return
         total = self.count + batch_count
         delta = batch_mean - self.mean
-        m2 = (
-            self.var * self.count
-            + batch_var * batch_count
-            + delta**2 * self.count * batch_count / total
-        )
+        m2 = self.var * self.count + batch_var * batch_count
+        self.var = (m2 + delta**2 * self.count * batch_count / total) / total
         self.mean = self.mean + delta * (batch_count / total)
-        self.var = m2 / total
         self.count = total
         self._cache.clear()
-
-    def merge(self, other: RunningMeanStd) -> None:
-        """Merge the statistics of another :class:`RunningMeanStd` into this one."""
-        self.update_from_moments(other.mean, other.var, other.count)
 
     @property
     def std(self) -> Tensor:
         """``sqrt(var + epsilon)``, the scale :meth:`normalize` divides by."""
         return torch.sqrt(self.var + self.epsilon)
 
-    # -- use -------------------------------------------------------------------
-
     def normalize(self, x: Tensor) -> Tensor:
-        """``clamp((x − mean) / sqrt(var + ε), −clip, clip)`` in the dtype and device of ``x``.
+        """``clamp((x − mean) · (1/sqrt(var + ε)), −clip, clip)`` in the dtype and device of
+        ``x`` (``(*B, *shape)``; integer inputs give float32), same shape.
 
-        Computed as ``(x − mean) · (1/sqrt(var + ε))`` with both factors cast once
-        to ``x``'s dtype, so the result is elementwise identical whatever the batch.
-
-        Args:
-            x: ``(*B, *shape)`` tensor (floating point; integer inputs give float32).
-
-        Returns:
-            The normalised tensor, same shape as ``x``.
+        Both factors are cast once to ``x``'s dtype, so a row gives the same result alone or
+        in a batch (the rollout relies on it).
         """
         if not x.is_floating_point():
             x = x.to(torch.float32)
         key = (x.dtype, x.device)
-        cached = self._cache.get(key)
-        if cached is None:
-            # Cast once per (dtype, device) and statistics version, not per call:
-            # this runs once per environment step. Built outside inference mode so
-            # that the cached factors are ordinary tensors usable under autograd too.
+        if key not in self._cache:
+            # Built outside inference mode, so that the cached factors are ordinary tensors
+            # usable under autograd too (this runs once per env step: cast once, not per call).
             with torch.inference_mode(False):
-                cached = (
+                self._cache[key] = (
                     self.mean.to(dtype=x.dtype, device=x.device),
                     (1.0 / self.std).to(dtype=x.dtype, device=x.device),
                 )
-            self._cache[key] = cached
-        mean, inv_std = cached
+        mean, inv_std = self._cache[key]
         out = (x - mean) * inv_std
-        if self.clip is not None:
-            out = out.clamp_(-self.clip, self.clip)
-        return out
+        return out.clamp_(-self.clip, self.clip) if self.clip is not None else out
 
     def numpy_normalizer(self, dtype: np.dtype | type) -> Callable[[np.ndarray], np.ndarray]:
-        """:meth:`normalize` for numpy arrays of ``dtype``, with the *current* statistics.
-
-        The factors are cast exactly as :meth:`normalize` casts them, so for the same
-        input dtype the two give identical results. Build a new one after an update.
-        """
+        """:meth:`normalize` for numpy arrays of ``dtype`` with the *current* statistics
+        (identical results for the same dtype); build a new one after an update."""
         mean = self.mean.numpy().astype(dtype)
         inv_std = (1.0 / self.std).numpy().astype(dtype)
         clip = self.clip
@@ -191,12 +146,6 @@ class RunningMeanStd:
             return out
 
         return normalize
-
-    def denormalize(self, y: Tensor) -> Tensor:
-        """Inverse of :meth:`normalize` without clipping: ``y·sqrt(var + ε) + mean``."""
-        return y * self.std.to(y) + self.mean.to(y)
-
-    # -- checkpointing ---------------------------------------------------------
 
     def state_dict(self) -> dict[str, Tensor]:
         """``{"count", "mean", "var"}`` as float64 tensors (``weights_only``-loadable)."""
@@ -211,19 +160,14 @@ class RunningMeanStd:
         missing = {"count", "mean", "var"} - set(state)
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
-        mean, var, count = (_as_float64(state[k]) for k in ("mean", "var", "count"))
+        mean, var, count = (_as_float64(state[k]).clone() for k in ("mean", "var", "count"))
         if tuple(mean.shape) != self.shape or tuple(var.shape) != self.shape or count.ndim != 0:
             raise ValueError(
                 f"state shapes do not match: mean {tuple(mean.shape)}, var {tuple(var.shape)}, "
                 f"count {tuple(count.shape)}, expected {self.shape} and ()"
             )
-        self.count, self.mean, self.var = count.clone(), mean.clone(), var.clone()
+        self.count, self.mean, self.var = count, mean, var
         self._cache.clear()
-
-    def __repr__(self) -> str:
-        return (
-            f"RunningMeanStd(shape={self.shape}, count={float(self.count):g}, frozen={self.frozen})"
-        )
 
 
 class RewardScaler:

@@ -19,35 +19,35 @@ action space         ``family``                 ``actor(obs)`` returns
 The Gaussian's ``log_std`` is a state-independent parameter (initialised to 0)
 returned as is, broadcastable against the mean.
 
-Everything a TRPO update needs from a distribution (:func:`log_prob`,
-:func:`entropy`, the closed-form forward :func:`kl_divergence`, :func:`sample`,
-:func:`mode`) is a pure function of ``(family, dist_params)``, so it composes
-with :func:`torch.func.functional_call` and never builds
-``torch.distributions`` objects (their argument validation costs more than the
-math on small batches). Leading batch dimensions are arbitrary: ``(B,)`` below
-stands for any ``(*batch,)``, e.g. ``(T, N)`` for a rollout.
-
-Sampling is split in two so that a rollout can draw all of its randomness in
-one call per rollout and pay only a couple of tensor ops per step:
-:func:`draw_noise` (uses the explicit ``torch.Generator``) and
-:func:`sample_from_noise` (deterministic). :func:`sample` composes them.
-Categorical sampling is the Gumbel-max trick ``argmax(logits + G)``, ``G =
-−log(−log U)``; Bernoulli is ``logits > L`` with logistic noise ``L = log U −
-log(1 − U)``; Gaussian is ``mean + σ·ε``.
+The distribution math (:func:`log_prob`, :func:`entropy`, :func:`kl_divergence`, sampling)
+lives in :mod:`natgrad.families`, re-exported here.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from natgrad import mlp
+from natgrad.families import (
+    FAMILIES,
+    DistParams,
+    draw_noise,
+    entropy,
+    kl_divergence,
+    log_prob,
+    mode,
+    sample,
+    sample_from_noise,
+)
 
 __all__ = [
     "FAMILIES",
@@ -65,273 +65,6 @@ __all__ = [
     "sample",
     "sample_from_noise",
 ]
-
-FAMILIES = ("categorical", "diag_gaussian", "multi_categorical", "bernoulli")
-
-#: Distribution parameters: logits, ``(mean, log_std)``, or a list of logits.
-DistParams = Tensor | tuple[Tensor, Tensor] | list[Tensor]
-
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-
-
-# ----------------------------------------------------------------------------
-# Pure functions over distribution parameters
-# ----------------------------------------------------------------------------
-
-
-def _categorical_log_prob(logits: Tensor, actions: Tensor) -> Tensor:
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-
-
-def _categorical_entropy(logits: Tensor) -> Tensor:
-    logp = torch.log_softmax(logits, dim=-1)
-    # Clamp −inf log-probs (masked logits) so that 0·(−inf) is 0, not NaN.
-    logp = logp.clamp(min=torch.finfo(logp.dtype).min)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def _categorical_kl(old_logits: Tensor, new_logits: Tensor) -> Tensor:
-    old_logp = torch.log_softmax(old_logits, dim=-1)
-    new_logp = torch.log_softmax(new_logits, dim=-1)
-    # Σ_a p_old(a) (log p_old(a) − log p_new(a)); clamp as in the entropy.
-    tiny = torch.finfo(old_logp.dtype).min
-    return (old_logp.exp() * (old_logp.clamp(min=tiny) - new_logp.clamp(min=tiny))).sum(-1)
-
-
-def log_prob(family: str, dist_params: DistParams, actions: Tensor) -> Tensor:
-    """Log-probability (density for Gaussians) of ``actions``, summed over action dims.
-
-    * categorical: ``log softmax(logits)[a]``; actions ``(B,)`` integer.
-    * diag_gaussian: ``Σ_j −(a_j − μ_j)²/(2σ_j²) − log σ_j − ½ log 2π``; actions ``(B, d)``.
-    * multi_categorical: ``Σ_i log softmax(logits_i)[a_i]``; actions ``(B, k)`` integer.
-    * bernoulli: ``Σ_j a_j l_j − softplus(l_j)``; actions ``(B, d)`` in {0, 1}.
-
-    Args:
-        family: One of :data:`FAMILIES`.
-        dist_params: The actor's output for that family.
-        actions: Actions, shapes as above.
-
-    Returns:
-        ``(B,)`` log-probabilities.
-    """
-    _check_family(family)
-    if family == "categorical":
-        return _categorical_log_prob(dist_params, actions)
-    if family == "diag_gaussian":
-        mean, log_std = dist_params
-        z = (actions - mean) * torch.exp(-log_std)
-        return (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(-1)
-    if family == "multi_categorical":
-        return sum(
-            _categorical_log_prob(logits, actions[..., i]) for i, logits in enumerate(dist_params)
-        )
-    logits = dist_params
-    return -F.binary_cross_entropy_with_logits(
-        logits, actions.to(logits.dtype), reduction="none"
-    ).sum(-1)
-
-
-def entropy(family: str, dist_params: DistParams) -> Tensor:
-    """Entropy of the distribution, summed over action dims.
-
-    * categorical: ``−Σ_a p_a log p_a``.
-    * diag_gaussian: ``Σ_j ½ + ½ log 2π + log σ_j`` (broadcast over the batch).
-    * multi_categorical: sum of the categorical entropies.
-    * bernoulli: ``Σ_j softplus(l_j) − σ(l_j) l_j``.
-
-    Args:
-        family: One of :data:`FAMILIES`.
-        dist_params: The actor's output for that family.
-
-    Returns:
-        ``(B,)`` entropies.
-    """
-    _check_family(family)
-    if family == "categorical":
-        return _categorical_entropy(dist_params)
-    if family == "diag_gaussian":
-        mean, log_std = dist_params
-        per_dim = (0.5 + _HALF_LOG_2PI + log_std).expand_as(mean)
-        return per_dim.sum(-1)
-    if family == "multi_categorical":
-        return sum(_categorical_entropy(logits) for logits in dist_params)
-    logits = dist_params
-    return (F.softplus(logits) - torch.sigmoid(logits) * logits).sum(-1)
-
-
-def kl_divergence(family: str, old_params: DistParams, new_params: DistParams) -> Tensor:
-    """Forward KL ``KL(π_old ‖ π_new)`` per state, in closed form.
-
-    * categorical: ``Σ_a p_old(a) (log p_old(a) − log p_new(a))`` via log-softmax.
-    * diag_gaussian: ``Σ_j log(σ_new/σ_old) + (σ_old² + (μ_old − μ_new)²) / (2σ_new²) − ½``.
-    * multi_categorical: sum of the categorical KLs (independent sub-actions).
-    * bernoulli: ``Σ_j p (log p − log q) + (1 − p)(log(1 − p) − log(1 − q))`` with
-      ``log p = logsigmoid(l_old)``, ``log(1 − p) = logsigmoid(−l_old)``.
-
-    This is the constraint of TRPO (seed notes: the mean of this over the sampled
-    states must stay ≤ δ); its Hessian in the new parameters at ``new = old`` is
-    the Fisher that :func:`natgrad.curvature.fisher_operator` builds.
-
-    Args:
-        family: One of :data:`FAMILIES`.
-        old_params: Distribution parameters of ``π_old`` (usually detached).
-        new_params: Distribution parameters of ``π_new``.
-
-    Returns:
-        ``(B,)`` non-negative KLs (0 where ``new == old``).
-    """
-    _check_family(family)
-    if family == "categorical":
-        return _categorical_kl(old_params, new_params)
-    if family == "diag_gaussian":
-        (mu0, log_std0), (mu1, log_std1) = old_params, new_params
-        var_ratio = torch.exp(2.0 * (log_std0 - log_std1))
-        mean_term = ((mu0 - mu1) * torch.exp(-log_std1)) ** 2
-        per_dim = (log_std1 - log_std0) + 0.5 * (var_ratio + mean_term) - 0.5
-        return per_dim.expand(torch.broadcast_shapes(mu0.shape, mu1.shape)).sum(-1)
-    if family == "multi_categorical":
-        if len(old_params) != len(new_params):
-            raise ValueError(
-                f"old_params and new_params must have as many heads, got "
-                f"{len(old_params)} and {len(new_params)}"
-            )
-        return sum(_categorical_kl(o, n) for o, n in zip(old_params, new_params))
-    l0, l1 = old_params, new_params
-    log_p, log_1mp = F.logsigmoid(l0), F.logsigmoid(-l0)
-    log_q, log_1mq = F.logsigmoid(l1), F.logsigmoid(-l1)
-    return (log_p.exp() * (log_p - log_q) + log_1mp.exp() * (log_1mp - log_1mq)).sum(-1)
-
-
-def draw_noise(
-    family: str,
-    dist_params: DistParams,
-    generator: torch.Generator,
-    batch_shape: Sequence[int] = (),
-) -> Tensor | list[Tensor]:
-    """Draw the randomness of :func:`sample_from_noise` for ``batch_shape`` extra leading dims.
-
-    With ``batch_shape = (T,)`` and ``dist_params`` of batch ``(N,)``, this draws the
-    noise of a whole ``T``-step rollout in one call; ``noise[t]`` then samples step ``t``.
-
-    * categorical: standard Gumbel ``G = −log(−log U)`` shaped like the logits.
-    * diag_gaussian: standard normal ``ε`` shaped like the mean.
-    * multi_categorical: a list of Gumbel tensors, one per head.
-    * bernoulli: standard logistic ``L = log U − log(1 − U)`` shaped like the logits.
-
-    Args:
-        family: One of :data:`FAMILIES`.
-        dist_params: Distribution parameters (only their shapes, dtype and device are used).
-        generator: The explicit RNG (on the device of ``dist_params``).
-        batch_shape: Extra leading dimensions.
-
-    Returns:
-        A tensor (a list of tensors for multi_categorical).
-    """
-    _check_family(family)
-    batch_shape = tuple(batch_shape)
-
-    def uniform_open(like: Tensor) -> Tensor:
-        u = torch.rand(
-            batch_shape + tuple(like.shape),
-            generator=generator,
-            dtype=like.dtype,
-            device=like.device,
-        )
-        # rand is in [0, 1); keep U strictly inside (0, 1) so the logs stay finite.
-        tiny = torch.finfo(like.dtype).tiny
-        return u.clamp_(min=tiny, max=1.0 - torch.finfo(like.dtype).eps / 2)
-
-    def gumbel(like: Tensor) -> Tensor:
-        return -torch.log(-torch.log(uniform_open(like)))
-
-    if family == "categorical":
-        return gumbel(dist_params)
-    if family == "diag_gaussian":
-        mean = dist_params[0]
-        return torch.randn(
-            batch_shape + tuple(mean.shape),
-            generator=generator,
-            dtype=mean.dtype,
-            device=mean.device,
-        )
-    if family == "multi_categorical":
-        return [gumbel(logits) for logits in dist_params]
-    u = uniform_open(dist_params)
-    return torch.log(u) - torch.log1p(-u)
-
-
-def sample_from_noise(
-    family: str, dist_params: DistParams, noise: Tensor | Sequence[Tensor]
-) -> Tensor:
-    """Deterministically turn noise from :func:`draw_noise` into actions.
-
-    * categorical: ``argmax(logits + G)`` (Gumbel-max), int64 ``(B,)``.
-    * diag_gaussian: ``μ + σ ε``, ``(B, d)`` (unclipped).
-    * multi_categorical: per-head Gumbel-max stacked, int64 ``(B, k)``.
-    * bernoulli: ``1[logits > L]`` as floats, ``(B, d)``.
-
-    Args:
-        family: One of :data:`FAMILIES`.
-        dist_params: Distribution parameters.
-        noise: Noise shaped like the output of :func:`draw_noise` for these params.
-
-    Returns:
-        Actions.
-    """
-    _check_family(family)
-    if family == "categorical":
-        return (dist_params + noise).argmax(-1)
-    if family == "diag_gaussian":
-        mean, log_std = dist_params
-        return torch.addcmul(mean, torch.exp(log_std), noise)
-    if family == "multi_categorical":
-        return torch.stack([(lg + g).argmax(-1) for lg, g in zip(dist_params, noise)], dim=-1)
-    return (dist_params > noise).to(dist_params.dtype)
-
-
-def sample(family: str, dist_params: DistParams, generator: torch.Generator) -> Tensor:
-    """Sample one action per state with an explicit generator (see :func:`sample_from_noise`).
-
-    Args:
-        family: One of :data:`FAMILIES`.
-        dist_params: Distribution parameters.
-        generator: The RNG.
-
-    Returns:
-        Actions: int64 ``(B,)`` / float ``(B, d)`` / int64 ``(B, k)`` / float ``(B, d)``.
-    """
-    return sample_from_noise(family, dist_params, draw_noise(family, dist_params, generator))
-
-
-def mode(family: str, dist_params: DistParams) -> Tensor:
-    """The deterministic action (for evaluation): argmax, mean, per-head argmax, ``logits > 0``.
-
-    Args:
-        family: One of :data:`FAMILIES`.
-        dist_params: Distribution parameters.
-
-    Returns:
-        Actions shaped and typed as in :func:`sample`.
-    """
-    _check_family(family)
-    if family == "categorical":
-        return dist_params.argmax(-1)
-    if family == "diag_gaussian":
-        return dist_params[0]
-    if family == "multi_categorical":
-        return torch.stack([lg.argmax(-1) for lg in dist_params], dim=-1)
-    return (dist_params > 0).to(dist_params.dtype)
-
-
-# ----------------------------------------------------------------------------
-# Networks
-# ----------------------------------------------------------------------------
 
 
 def observation_dim(observation_space: gym.Space) -> int:
@@ -370,16 +103,6 @@ def _check_hidden_sizes(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
-def _mlp_forward(x: Tensor, weights: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-    """``W_L tanh(… tanh(W_1 x + b_1) …) + b_L`` for ``weights = ((W_1, b_1), …)``."""
-    last = len(weights) - 1
-    for i, (w, b) in enumerate(weights):
-        x = F.linear(x, w, b)
-        if i < last:
-            x = torch.tanh(x)
-    return x
-
-
 class _MLP(nn.Module):
     """tanh MLP whose forward calls ``F.linear`` on the layers' parameters directly.
 
@@ -403,7 +126,7 @@ class _MLP(nn.Module):
         return tuple((layer.weight, layer.bias) for layer in self.layers)
 
     def _trunk(self, obs: Tensor) -> Tensor:
-        return _mlp_forward(self._flatten_obs(obs), self._weights())
+        return mlp.forward(self._flatten_obs(obs), self._weights())
 
 
 class Actor(_MLP):
@@ -464,10 +187,9 @@ class Actor(_MLP):
     def forward(self, obs: Tensor) -> DistParams:
         """Distribution parameters for a batch of (normalised) observations ``(*B, *obs_shape)``."""
         out = self._trunk(obs)
-        family = self.family
-        if family == "diag_gaussian":
+        if self.family == "diag_gaussian":
             return out, self.log_std
-        if family == "multi_categorical":
+        if self.family == "multi_categorical":
             return list(torch.split(out, self.nvec, dim=-1))
         return out
 
@@ -481,27 +203,12 @@ class Actor(_MLP):
         assign=True)``), so build it anew for each rollout.
         """
         weights = self._weights()
-        # addmm(b, x, Wᵀ) on a transposed *view* is the kernel F.linear uses for 2-D
-        # inputs (same result), minus one dispatch layer; tanh_ reuses the buffer.
-        hidden = tuple((b, w.t()) for w, b in weights[:-1])
-        b_out, wt_out = weights[-1][1], weights[-1][0].t()
-        flatten = self._flatten_obs if len(self.obs_shape) != 1 else None
+        flatten = self._flatten_obs
 
         def trunk(obs: Tensor) -> Tensor:
-            x = flatten(obs) if flatten is not None else obs
-            if x.dim() != 2:
-                return _mlp_forward(x, weights)
-            for b, wt in hidden:
-                x = torch.addmm(b, x, wt).tanh_()
-            return torch.addmm(b_out, x, wt_out)
+            return mlp.forward(flatten(obs), weights)
 
-        family, nvec = self.family, self.nvec
-        if family == "diag_gaussian":
-            log_std = self.log_std
-            return lambda obs: (trunk(obs), log_std)
-        if family == "multi_categorical":
-            return lambda obs: list(torch.split(trunk(obs), nvec, dim=-1))
-        return trunk
+        return self._head(trunk, self.log_std if self.family == "diag_gaussian" else None)
 
     def numpy_inference_fn(self) -> Callable[[np.ndarray], Any]:
         """:meth:`inference_fn` in numpy, for CPU actors: ``(N, *obs_shape)`` array in,
@@ -517,24 +224,25 @@ class Actor(_MLP):
         """
         if any(p.device.type != "cpu" for p in self.parameters()):
             raise ValueError("numpy_inference_fn needs the actor's parameters on the CPU")
-        hidden = tuple((w.detach().numpy().T, b.detach().numpy()) for w, b in self._weights()[:-1])
-        w_out, b_out = (t.detach().numpy() for t in self._weights()[-1])
-        w_out = w_out.T
+        weights = tuple((w.detach().numpy(), b.detach().numpy()) for w, b in self._weights())
         flat = len(self.obs_shape) == 1
 
         def trunk(obs: np.ndarray) -> np.ndarray:
-            x = obs if flat else obs.reshape(obs.shape[0], -1)
-            for w, b in hidden:
-                x = np.tanh(x @ w + b)
-            return x @ w_out + b_out
+            return mlp.numpy_forward(obs if flat else obs.reshape(obs.shape[0], -1), weights)
 
-        family = self.family
-        if family == "diag_gaussian":
-            log_std = self.log_std.detach().numpy()
-            return lambda obs: (trunk(obs), log_std)
-        if family == "multi_categorical":
+        log_std = self.log_std.detach().numpy() if self.family == "diag_gaussian" else None
+        if self.family == "multi_categorical":
             splits = np.cumsum(self.nvec)[:-1]
             return lambda obs: np.split(trunk(obs), splits, axis=-1)
+        return self._head(trunk, log_std)
+
+    def _head(self, trunk: Callable[[Any], Any], log_std: Any) -> Callable[[Any], Any]:
+        """``obs -> dist params`` from the trunk's output, structured as :meth:`forward`'s."""
+        if self.family == "diag_gaussian":
+            return lambda obs: (trunk(obs), log_std)
+        if self.family == "multi_categorical":
+            nvec = self.nvec
+            return lambda obs: list(torch.split(trunk(obs), nvec, dim=-1))
         return trunk
 
     def functional_dist_params(self, params: Mapping[str, Tensor], obs: Tensor) -> DistParams:
@@ -544,6 +252,41 @@ class Actor(_MLP):
         family=actor.family)``; ``params`` may be a subset of ``named_parameters()``.
         """
         return functional_call(self, params, (obs,))
+
+    def written_out_dist_fn(
+        self, params: Mapping[str, Tensor], obs: Tensor
+    ) -> mlp.MLPDistFn | None:
+        """:meth:`functional_dist_params` with ``J``, ``Jᵀ`` written out (:mod:`natgrad.mlp`),
+        for ``fisher_operator(..., linearization="custom")``; ``None`` unless this is the
+        plain tanh-MLP actor and ``params`` are exactly its parameters.
+
+        A subclass that overrides ``forward`` is declined at once; one that changes the
+        network behind it is caught by a numerical comparison with
+        :meth:`functional_dist_params` on a few states of ``obs``, made once per actor
+        (reading it is a host sync, which must not recur inside a recorded CUDA graph).
+        """
+        fn = self._dist_fn
+        if type(self).forward is not Actor.forward or set(params) != fn.names:
+            return None
+        if set(dict(self.named_parameters())) != fn.names or obs.ndim < 1 or obs.shape[0] == 0:
+            return None
+        if obs[0].numel() != self.layers[0].in_features:
+            return None
+        verified = _VERIFIED.get(self)
+        if verified is None:
+            verified = _VERIFIED[self] = fn.agrees_with(self.functional_dist_params, params, obs)
+        return fn if verified else None
+
+    @property
+    def _dist_fn(self) -> mlp.MLPDistFn:
+        n = len(self.layers)
+        return mlp.MLPDistFn(
+            [f"layers.{i}.weight" for i in range(n)],
+            [f"layers.{i}.bias" for i in range(n)],
+            family=self.family,
+            heads=self.nvec,
+            log_std="log_std" if self.family == "diag_gaussian" else None,
+        )
 
 
 class Critic(_MLP):
@@ -557,6 +300,10 @@ class Critic(_MLP):
     def forward(self, obs: Tensor) -> Tensor:
         """State values ``V(s)`` of shape ``(*B,)``."""
         return self._trunk(obs).squeeze(-1)
+
+
+_VERIFIED: weakref.WeakKeyDictionary[Actor, bool] = weakref.WeakKeyDictionary()
+"""Per actor: does :meth:`Actor.written_out_dist_fn` compute its forward? (checked once)"""
 
 
 def make_actor(

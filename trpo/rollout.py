@@ -1,6 +1,7 @@
 """Vector-env rollouts for on-policy learning, with low per-step overhead.
 
-Envs come from :func:`gymnasium.make_vec` in **same-step autoreset** mode: when
+Envs come from :func:`trpo.envs.make_envs` (re-exported here), which builds them with
+:func:`gymnasium.make_vec` in **same-step autoreset** mode: when
 an episode ends at step ``t``, the env is reset inside that same ``step`` call,
 the returned observation is already the first one of the next episode, and the
 true final observation is in ``infos["final_obs"][i]`` (mask
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -53,6 +54,7 @@ import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 from torch import Tensor, nn
 
+from trpo.envs import make_envs
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.policy import Actor, draw_noise, log_prob, sample_from_noise
 
@@ -66,54 +68,6 @@ __all__ = [
 ]
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def make_envs(
-    env_id: str,
-    n_envs: int,
-    *,
-    async_: bool = False,
-    env_kwargs: dict[str, Any] | None = None,
-    wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]] | None = None,
-) -> VectorEnv:
-    """Create ``n_envs`` copies of ``env_id`` as one same-step-autoreset vector env.
-
-    The envs are not reset here: :func:`init_rollout_state` resets env ``i`` with
-    seed ``seed + i``.
-
-    Args:
-        env_id: A registered gymnasium id, e.g. ``"CartPole-v1"``.
-        n_envs: Number of parallel envs ``N`` (≥ 1).
-        async_: One subprocess per env (``AsyncVectorEnv``) instead of stepping
-            them in this process; pays off only for expensive envs.
-        env_kwargs: Keyword arguments for the env constructor.
-        wrappers: Wrappers applied to each single env.
-
-    Returns:
-        A :class:`gymnasium.vector.VectorEnv`.
-
-    Raises:
-        ValueError: If ``env_id`` is not registered (with how to list the ids),
-            or ``n_envs`` is not positive.
-    """
-    if not isinstance(n_envs, int) or isinstance(n_envs, bool) or n_envs <= 0:
-        raise ValueError(f"n_envs must be a positive int, got {n_envs!r}")
-    try:
-        gym.spec(env_id)
-    except gym.error.Error as e:
-        raise ValueError(
-            f"unknown env_id {env_id!r} ({e}); list the registered ids with "
-            f"`python -c 'import gymnasium; gymnasium.pprint_registry()'`"
-        ) from None
-    return gym.make_vec(
-        env_id,
-        num_envs=n_envs,
-        vectorization_mode="async" if async_ else "sync",
-        # copy=False: the collector copies each step's arrays into its own buffers at once.
-        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP, "copy": False},
-        wrappers=wrappers,
-        **(env_kwargs or {}),
-    )
 
 
 @dataclass

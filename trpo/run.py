@@ -1,47 +1,110 @@
 """Command line: ``python -m trpo.run [--env-id CartPole-v1] [--total-steps N] ...``.
 
-Every field of :class:`trpo.config.TRPOConfig` is a flag (``--help`` lists them with their
-defaults, which include the preset of the chosen env); ``--env`` is short for ``--env-id``
-and ``--resume RUN_DIR`` continues a run.
+Every field of :class:`trpo.config.TRPOConfig` is a flag, generated from the dataclass by
+tyro (``--help`` lists them with their docstrings and defaults, which include the preset of the
+chosen env); ``--env`` is short for ``--env-id``. ``--resume RUN_DIR`` continues a run under its
+saved ``config.json``, overridden by the flags typed; a new run's ``--run-name`` must not exist.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 
-from trpo.checkpoint import CheckpointError
-from trpo.config import MemoryBudgetError, check_env_id, parse_cli
+import tyro
+
+from trpo.config import TRPOConfig, check_env_id, load_config, resume_config
+from trpo.fileio import RunDirError
 from trpo.logger import TENSORBOARD_DIRNAME
+from trpo.presets import config_for
 from trpo.train import TrainingError, train
 
-__all__ = ["main"]
+__all__ = ["main", "parse_cli"]
+
+_ENV_FLAGS = ("--env", "--env-id", "--env_id")
+
+
+def _scan_flag(argv: Sequence[str], flags: Sequence[str]) -> str | None:
+    """Value of the last ``--flag VALUE`` / ``--flag=VALUE`` in ``argv`` (argparse: last wins)."""
+    value = None
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            break
+        if tok in flags and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+        else:
+            for f in flags:
+                if tok.startswith(f + "="):
+                    value = tok[len(f) + 1 :]
+    return value
+
+
+def _exit_with(error: ValueError) -> SystemExit:
+    print(f"error: {error}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def parse_cli(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TRPOConfig:
+    """Build a :class:`TRPOConfig` from command-line flags named after the fields.
+
+    ``--env-id`` (alias ``--env``) is read first to pick the preset, which then serves as the
+    defaults shown by ``--help``; any flag the user typed overrides it. With
+    ``--resume RUN_DIR`` the run's saved ``config.json`` is the base instead, and the typed
+    flags that change it are the given fields :func:`trpo.config.resume_config` applies
+    (e.g. a larger ``--total-steps``); the env and the networks may not change.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+        prog: program name shown in the usage line.
+
+    Raises:
+        SystemExit: on ``--help`` (code 0) or a bad flag or value (code 2, after printing a
+            message that names the field).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env_id = _scan_flag(argv, _ENV_FLAGS)
+    resume = _scan_flag(argv, ("--resume",))
+    try:
+        if resume is not None and resume != "None":
+            base = dataclasses.replace(load_config(resume), resume=resume)
+        else:
+            base = config_for(env_id or TRPOConfig.env_id)
+    except ValueError as e:
+        raise _exit_with(e) from None
+    config = tyro.cli(TRPOConfig, args=argv, default=base, prog=prog)
+    if config.resume is None:
+        return config
+    # Against the saved config, a typed flag that changes nothing overrides nothing either.
+    names = (f.name for f in dataclasses.fields(config))
+    typed = {name for name in names if getattr(config, name) != getattr(base, name)}
+    try:
+        return resume_config(config.with_given(typed | {"resume"}))
+    except ValueError as e:
+        raise _exit_with(e) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, train, and print where the artifacts are.
 
     Returns:
-        0 on success, 1 when training stopped (:class:`trpo.train.TrainingError`), 2 for an
-        unknown env id, a batch that cannot fit in memory or no valid checkpoint to resume (a message, not a traceback).
-        Invalid flags or values exit with code 2 from the parser, naming the field.
+        0 on success, 1 when training stopped (:class:`trpo.train.TrainingError`), 2 for a
+        user error: an unknown env id, a batch that cannot fit in memory, a run name that
+        exists, no valid checkpoint to resume (one line, not a traceback). Invalid flags or
+        values exit with code 2 from the parser, naming the field.
     """
     config = parse_cli(argv, prog="python -m trpo.run")
     try:
         # train() checks it too; here a typo gives one line that says how to list the ids.
         check_env_id(config.env_id)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = train(config, merge_saved=False)  # parse_cli merged config.json already
-    except (MemoryBudgetError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        result = train(config)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, RunDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     artifacts = ["config.json", "metrics.csv", "checkpoints/"]
     if config.plot:
         artifacts.append("learning_curve.png")

@@ -1,6 +1,10 @@
 """The TRPO training loop: rollout → GAE → trust-region policy step → critic fit → log.
 
 ``train(config)`` is the library entry point (``python -m trpo.run`` is a thin CLI on top).
+It sets the run up (or restores it from its newest checkpoint), then runs :func:`_loop`, whose
+body is the algorithm, one numbered step per line, and finishes with a plot and an
+evaluation.
+
 Everything a run needs to continue lives in its checkpoints, written atomically every
 ``checkpoint_every`` updates: networks, critic optimiser, normaliser statistics, RNG
 states, the step counter. Episodes in progress when a run stops are not saved: a resumed
@@ -14,38 +18,38 @@ import collections
 import copy
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import Tensor
 
 from natgrad.trust_region import StepStatus
 from trpo.checkpoint import (
     capture_rng_state,
+    check_state_shapes,
     checkpoint_path,
     load_latest_checkpoint,
     restore_rng_state,
     save_run_checkpoint,
 )
-from trpo.config import TRPOConfig, check_env_id, check_memory, load_config, save_config
-from trpo.distributed import SINGLE_PROCESS, DataParallel, NullLogger
+from trpo.config import TRPOConfig, check_env_id, default_run_name, resume_config, save_config
+from trpo.critic import CriticFitResult, CriticSettings, explained_variance, fit_critic
+from trpo.distributed import DataParallel, NullLogger
+from trpo.evaluation import evaluate_policy
 from trpo.gae import compute_gae, normalize_advantages
 from trpo.logger import MetricsLogger, ProgressBar, plot_learning_curve, read_metrics
+from trpo.memory import check_memory
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.policy import Actor, Critic, make_actor, make_critic, observation_dim
-from trpo.rollout import collect_rollout, init_rollout_state, make_envs
-from trpo.update import (
-    CriticFitResult,
-    PolicyBatch,
-    explained_variance,
-    fit_critic,
-    policy_step,
-)
+from trpo.rollout import Rollout, RolloutState, collect_rollout, init_rollout_state, make_envs
+from trpo.update import PolicyBatch, PolicyStepResult, PolicyStepSettings, policy_step
 
 __all__ = ["TrainResult", "TrainingError", "train"]
 
@@ -59,7 +63,7 @@ class TrainResult:
     """What :func:`train` returns.
 
     Attributes:
-        actor: The trained policy (evaluate with ``trpo.evaluate.evaluate_policy``).
+        actor: The trained policy (evaluate with ``trpo.evaluation.evaluate_policy``).
         critic: The trained value function.
         obs_normalizer: Observation statistics the actor expects (frozen), or None.
         config: The resolved config (run name filled in).
@@ -84,6 +88,561 @@ class TrainResult:
         return float(np.mean(self.eval_returns)) if self.eval_returns else math.nan
 
 
+@dataclass
+class _State:
+    """Everything an update changes and a checkpoint saves."""
+
+    actor: Actor
+    critic: Critic
+    critic_opt: torch.optim.Optimizer
+    generator: torch.Generator  # action noise, on the device
+    cpu_generator: torch.Generator  # Fisher subsample and critic minibatches
+    obs_rms: RunningMeanStd | None
+    reward_scaler: RewardScaler | None
+    update: int = 0  # updates done
+    global_step: int = 0  # env steps done, summed over ranks
+
+    def shared(self) -> tuple[Any, ...]:
+        """What every rank must hold identically (:meth:`DataParallel.check_agreement`)."""
+        return self.actor, self.critic, self.critic_opt, self.obs_rms, self.reward_scaler
+
+    def snapshot(self) -> tuple[dict[str, Any], ...]:
+        """Copies of everything an update could touch (:meth:`roll_back` restores them)."""
+        modules = (self.actor, self.critic, self.critic_opt)
+        return copy.deepcopy(tuple(m.state_dict() for m in modules))
+
+    def roll_back(self, snapshot: tuple[dict[str, Any], ...]) -> None:
+        for module, saved in zip((self.actor, self.critic, self.critic_opt), snapshot):
+            module.load_state_dict(saved)
+
+
+class _Update(NamedTuple):
+    step: PolicyStepResult
+    fit: CriticFitResult
+    policy_seconds: float
+    critic_seconds: float
+
+    @property
+    def policy_ok(self) -> bool:
+        return self.step.status != StepStatus.NON_FINITE.name
+
+
+# ------------------------------------------------------------------------------------ set-up
+def train(config: TRPOConfig) -> TrainResult:
+    """Train a TRPO agent as configured; returns the policy, the metrics and the run directory.
+
+    A new run creates its directory ``runs_root/run_name`` exclusively (a ``run_name`` that
+    exists is refused; a default name that is taken gets a suffix). With ``config.resume``
+    set to a run directory, continues that run from its newest valid checkpoint (step
+    counter, networks, optimiser, normalisers, RNG states) under its saved ``config.json``,
+    overridden by the fields the caller gave (:func:`trpo.config.resume_config`): so
+    ``train(TRPOConfig(resume=d, total_steps=2_000_000))`` continues ``d`` with its own
+    hyperparameters and a larger budget.
+
+    Started by ``torchrun`` (``WORLD_SIZE > 1``), every process trains data parallel on its own
+    envs and rank 0 writes the run (``trpo.distributed``, docs/distributed.md).
+
+    Raises:
+        ValueError: Invalid config, unknown env id, a batch that would not fit in memory (all
+            before any env is created), a run directory that exists or cannot be created, or
+            a resume that changes a field the checkpoint fixes.
+        TrainingError: ``max_consecutive_failures`` updates in a row were non-finite, or an env
+            produced a non-finite observation/reward or raised (the checkpoint of the last
+            completed update is kept).
+    """
+    if config.resume is not None:
+        config = resume_config(config)
+    check_env_id(config.env_id)
+    # The exact memory estimate needs the spaces, known only once an env exists; with the
+    # smallest spaces (1, 1) it is a lower bound, so a hopeless batch is refused before any
+    # env is created. It is repeated with the real sizes before anything is allocated.
+    check_memory(config, 1, 1)
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    # Under torchrun (WORLD_SIZE > 1): join the process group. A failed collective (a rank
+    # died or hung) becomes a TrainingError naming the run to resume. See docs/distributed.md.
+    dp = DataParallel.from_env(config.torch_device())
+    try:
+        device = dp.device(config.torch_device())
+        envs = make_envs(config.env_id, config.n_envs, async_=config.async_envs)
+        try:
+            obs_space, act_space = envs.single_observation_space, envs.single_action_space
+            check_memory(config, observation_dim(obs_space), _dist_param_dim(act_space))
+            config = _agree_on_run_dir(config, dp)
+            return _train(config, envs, device, dp)
+        finally:
+            envs.close()
+    except RuntimeError as e:
+        if not dp.enabled or isinstance(e, TrainingError):
+            raise
+        where = config.resume or Path(config.runs_root) / str(config.run_name)
+        raise TrainingError(
+            f"rank {dp.rank} of {dp.world_size}: {type(e).__name__}: {e}. If another rank "
+            f"died or hung, see its log; resume from the last checkpoint with --resume {where}"
+        ) from e
+    finally:
+        dp.close()
+
+
+def _create_run_dir(config: TRPOConfig) -> TRPOConfig:
+    """Create the directory of a new run with ``os.mkdir`` (atomic and exclusive: two runs
+    never share one) and return the config naming it.
+
+    A default name that is taken (a run of the same env and seed started in the same second)
+    gets the first free suffix ``-2``, ``-3``, ...; a ``run_name`` the caller chose that
+    exists is refused, since writing into it would mix two runs.
+
+    Raises:
+        ValueError: the chosen directory exists, or ``runs_root`` cannot be written.
+    """
+    root = Path(config.runs_root)
+    base = config.run_name or default_run_name(config.env_id, config.seed)
+    name, suffix = base, 1
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                os.mkdir(root / name)
+                return dataclasses.replace(config, run_name=name)
+            except FileExistsError:
+                if config.run_name is not None:
+                    raise ValueError(
+                        f"run directory {root / name} already exists: continue that run with "
+                        f"--resume {root / name} (resume= in Python), or choose a fresh "
+                        "--run-name"
+                    ) from None
+                suffix += 1
+                name = f"{base}-{suffix}"
+    except OSError as e:
+        raise ValueError(f"cannot create a run directory in {root}: {e}") from None
+
+
+def _agree_on_run_dir(config: TRPOConfig, dp: DataParallel) -> TRPOConfig:
+    """Rank 0 creates a new run's directory; every rank gets rank 0's config (its run name
+    may hold a timestamp and a suffix), or rank 0's error, so that no rank waits for it."""
+    outcome: TRPOConfig | ValueError = config
+    if config.resume is None and dp.is_main:
+        try:
+            outcome = _create_run_dir(config)
+        except ValueError as e:
+            outcome = e
+    outcome = dp.broadcast(outcome)
+    if isinstance(outcome, ValueError):
+        raise outcome
+    return outcome
+
+
+def _build(config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel) -> _State:
+    """Fresh networks, critic optimiser, generators and normalisers, seeded by ``config.seed``."""
+    obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    dtype = config.torch_dtype()
+    torch.manual_seed(config.seed)
+    actor = make_actor(obs_space, act_space, config.hidden_sizes).to(device=device, dtype=dtype)
+    critic = make_critic(obs_space, config.hidden_sizes).to(device=device, dtype=dtype)
+    if actor.family == "diag_gaussian" and config.log_std_init != 0.0:
+        with torch.no_grad():
+            actor.log_std.fill_(config.log_std_init)
+    obs_rms = (
+        RunningMeanStd(tuple(obs_space.shape), clip=config.obs_clip)
+        if config.normalize_obs
+        else None
+    )
+    reward_scaler = (
+        RewardScaler(config.gamma, config.n_envs, clip=config.reward_clip)
+        if config.normalize_reward
+        else None
+    )
+    obs_rms, reward_scaler = dp.synced_statistics(obs_rms, reward_scaler)
+    return _State(
+        actor=actor,
+        critic=critic,
+        critic_opt=torch.optim.Adam(critic.parameters(), lr=config.critic_lr),
+        generator=torch.Generator(device=device).manual_seed(config.seed),
+        cpu_generator=torch.Generator().manual_seed(config.seed + 1),
+        obs_rms=obs_rms,
+        reward_scaler=reward_scaler,
+    )
+
+
+def _restore(state: _State, config: TRPOConfig, device: torch.device, dp: DataParallel) -> None:
+    """Load the newest valid checkpoint of ``config.run_dir`` into ``state``."""
+    # A checkpoint that does not fit these networks (another env's) is skipped like a damaged
+    # one, so the newest one that does is restored.
+    loaded = load_latest_checkpoint(
+        config.run_dir,
+        map_location=device,
+        validate=lambda saved: check_state_shapes(saved, actor=state.actor, critic=state.critic),
+    )
+    for path, reason in loaded.skipped:
+        print(f"warning: skipped checkpoint {path}: {reason}", file=sys.stderr)
+    saved = loaded.state
+    state.actor.load_state_dict(saved["actor"])
+    state.critic.load_state_dict(saved["critic"])
+    state.critic_opt.load_state_dict(saved["critic_optimizer"])
+    for group in state.critic_opt.param_groups:  # the optimiser's state_dict holds the old lr
+        group["lr"] = config.critic_lr
+    if state.obs_rms is not None:
+        state.obs_rms.load_state_dict(saved["obs_rms"])
+    if state.reward_scaler is not None:
+        # The episodes in progress are not resumed (fresh ones start), so neither are their
+        # discounted-return accumulators, one per env (n_envs may change); the statistics are.
+        returns = torch.zeros(config.n_envs, dtype=torch.float64)
+        state.reward_scaler.load_state_dict({**saved["reward_scaler"], "returns": returns})
+    restore_rng_state(saved["rng"], torch_generator=state.generator)
+    state.cpu_generator.set_state(saved["rng_cpu"])
+    state.update, state.global_step = int(saved["update"]), int(saved["global_step"])
+    print(
+        f"resumed {config.run_dir} from {loaded.path.name} at step {state.global_step}",
+        flush=True,
+    )
+    if saved.get("world_size", 1) != dp.world_size and dp.is_main:
+        print(
+            f"warning: resuming a run of {saved.get('world_size', 1)} rank(s) with "
+            f"{dp.world_size}: the batch per update changes",
+            file=sys.stderr,
+        )
+
+
+def _train(config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel) -> TrainResult:
+    state = _build(config, envs, device, dp)
+    if config.resume is not None:
+        _restore(state, config, device, dp)
+    # Every rank starts from rank 0's parameters (and checks that the rest agrees too).
+    dp.broadcast_modules(state.actor, state.critic)
+    dp.check_agreement(*state.shared())
+    if dp.is_main:
+        save_config(config, config.run_dir)
+    num_updates = dp.num_updates(config.total_steps, config.batch_size)  # all ranks' steps
+    reporter = _Reporter(config, dp, num_updates, state.global_step)
+    # An error path that would save the state just restored again leaves its file be.
+    checkpoints = _Checkpoints(config, dp, reporter, state.update if config.resume else -1)
+    try:
+        _loop(config, envs, state, dp, num_updates, reporter, checkpoints)
+        # A resume that asked for fewer steps than done trained nothing: state.update is the
+        # restored one, so no older update's name is written over.
+        checkpoints.save(state)
+    finally:
+        reporter.close()
+    return _finish(config, state, dp)
+
+
+# -------------------------------------------------------------------------------- the loop
+def _loop(
+    config: TRPOConfig,
+    envs: Any,
+    state: _State,
+    dp: DataParallel,
+    num_updates: int,
+    reporter: _Reporter,
+    checkpoints: _Checkpoints,
+) -> None:
+    """Updates ``state.update, ..., num_updates − 1``, each: rollout → GAE → policy step →
+    critic fit → log → checkpoint."""
+    reset_seed = dp.env_seed(_env_reset_seed(config, state.update))
+    rollout_state = init_rollout_state(envs, reset_seed, global_step=state.global_step)
+    failures = 0
+    for update in range(state.update, num_updates):
+        # 1. rollout with π_old
+        t0 = time.perf_counter()
+        dp.reseed(config.seed, update, state.generator, state.cpu_generator)
+        rollout = _collect(envs, config, state, rollout_state, checkpoints)
+        state.global_step += dp.world_size * rollout.batch_size
+        rollout_seconds = time.perf_counter() - t0
+        # 2. advantages by GAE(γ, λ)
+        batch, returns = _advantages(config, rollout, dp)
+        # 3-4. trust-region policy step, critic regression on the GAE returns
+        backup = state.snapshot()
+        result = _update(config, state, batch, returns, dp)
+        ok = result.policy_ok and math.isfinite(result.fit.value_loss)
+        ok = ok and _is_finite_module(state.critic)
+        failures = 0 if ok else failures + 1
+        if not ok:  # a non-finite update is never applied
+            state.roll_back(backup)
+        state.update = update + 1
+        reporter.announce(state.update, result, ok, failures)
+        # The ranks must still agree (bit for bit); a cheap checksum, fails loudly if not.
+        dp.check_agreement(*state.shared())
+        # 5. log
+        reporter.log(state, rollout, returns, result, ok, failures, rollout_seconds)
+        # 6. checkpoint (the last good state first, when giving up)
+        if failures >= config.max_consecutive_failures:
+            checkpoints.save(state)
+            raise TrainingError(
+                f"{failures} consecutive updates were non-finite and rejected (last: policy "
+                f"step {result.step.status}, critic loss {result.fit.value_loss}); the "
+                "parameters of the last good update are saved in "
+                f"{checkpoint_path(config.run_dir, state.update)}. Try a smaller max_kl, more "
+                "cg_damping, normalize_obs/normalize_reward, or float64."
+            )
+        if state.update % config.checkpoint_every == 0 and state.update < num_updates:
+            checkpoints.save(state)
+
+
+def _collect(
+    envs: Any,
+    config: TRPOConfig,
+    state: _State,
+    rollout_state: RolloutState,
+    checkpoints: _Checkpoints,
+) -> Rollout:
+    """Step 1: ``n_steps`` steps of every env with the current policy π_old.
+
+    Raises:
+        TrainingError: the env failed (raised, or gave a non-finite observation or reward);
+            the state after the last completed update is checkpointed first.
+    """
+    noise_state = state.generator.get_state()
+    try:
+        return collect_rollout(
+            envs,
+            state.actor,
+            state.critic,
+            config.n_steps,
+            state=rollout_state,
+            generator=state.generator,
+            obs_normalizer=state.obs_rms,
+            reward_scaler=state.reward_scaler,
+            dtype=config.torch_dtype(),
+        )
+    except (ValueError, RuntimeError) as e:
+        # A failed rollout changes no saved state (statistics and episode counters are
+        # updated only on success) except the action noise drawn: undo that, so the
+        # checkpoint is exactly the state after the last completed update.
+        state.generator.set_state(noise_state)
+        checkpoints.save(state)
+        run_dir = config.run_dir
+        raise TrainingError(
+            f"{e}; the checkpoint of the last completed update ({state.update}) is in "
+            f"{run_dir}; resume with --resume {run_dir}"
+        ) from e
+
+
+def _advantages(
+    config: TRPOConfig, rollout: Rollout, dp: DataParallel
+) -> tuple[PolicyBatch, Tensor]:
+    """Step 2: GAE(γ, λ) advantages (standardised over the global batch) and value targets,
+    flattened to ``B = T·N`` rows: ``(PolicyBatch, returns (B,))``."""
+    advantages, returns = compute_gae(
+        rollout.rewards,
+        rollout.values,
+        rollout.next_values,
+        rollout.terminations,
+        rollout.truncations,
+        config.gamma,
+        config.gae_lambda,
+    )
+    adv = advantages.reshape(-1)
+    if config.normalize_advantages:
+        adv = normalize_advantages(adv, reducer=dp.reducer)
+    obs = rollout.obs.reshape(rollout.batch_size, *rollout.obs.shape[2:])
+    actions = rollout.actions.reshape(rollout.batch_size, *rollout.actions.shape[2:])
+    return PolicyBatch(obs=obs, actions=actions, advantages=adv), returns.reshape(-1)
+
+
+def _update(
+    config: TRPOConfig,
+    state: _State,
+    batch: PolicyBatch,
+    returns: Tensor,
+    dp: DataParallel,
+) -> _Update:
+    """Steps 3-4: the trust-region policy step, then the critic fit (skipped when the policy
+    step was non-finite: a batch that broke it is not fitted either)."""
+    t0 = time.perf_counter()
+    step = policy_step(
+        state.actor,
+        batch,
+        settings=PolicyStepSettings.from_config(config),
+        generator=state.cpu_generator,
+        reducer=dp.reducer,
+    )
+    t1 = time.perf_counter()
+    fit = CriticFitResult(value_loss=math.nan, steps=0)
+    if step.status != StepStatus.NON_FINITE.name:
+        fit = fit_critic(
+            state.critic,
+            state.critic_opt,
+            batch.obs,
+            returns,
+            settings=CriticSettings.from_config(config),
+            generator=state.cpu_generator,
+            reducer=dp.reducer,
+        )
+    return _Update(step, fit, t1 - t0, time.perf_counter() - t1)
+
+
+# ------------------------------------------------------------------- logging, checkpoints
+class _Reporter:
+    """Step 5: the metrics row (every ``log_every`` updates, the last one and every rejected
+    one), the progress bar, and without a terminal a text line every 5 % of the run. Rank 0
+    alone writes; every rank takes part in gathering the episode statistics."""
+
+    def __init__(
+        self, config: TRPOConfig, dp: DataParallel, num_updates: int, global_step: int
+    ) -> None:
+        self.config, self.dp, self.num_updates = config, dp, num_updates
+        resume_step = global_step if config.resume is not None else None
+        self.logger: MetricsLogger | NullLogger = (
+            MetricsLogger(config.run_dir, tensorboard=config.tensorboard, resume_step=resume_step)
+            if dp.is_main
+            else NullLogger()
+        )
+        self.progress = config.progress and dp.is_main
+        self.bar = ProgressBar(config.total_steps, initial=global_step, enabled=self.progress)
+        self.recent_returns: collections.deque[float] = collections.deque(maxlen=20)
+        self.text_every = max(1, num_updates // 20)
+        self.t_start, self.steps_at_start = time.perf_counter(), global_step
+
+    def say(self, message: str) -> None:
+        if self.bar.enabled:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def announce(self, update: int, result: _Update, ok: bool, failures: int) -> None:
+        """One line for a rejected (non-finite) update or a degenerate, safe no-op step."""
+        if not ok:
+            what = "critic fit" if result.policy_ok else "policy step"
+            self.say(
+                f"update {update}: non-finite {what} rejected, parameters kept "
+                f"({failures}/{self.config.max_consecutive_failures})"
+            )
+        elif result.step.status != StepStatus.OK.name:
+            self.say(f"update {update}: {StepStatus[result.step.status].message}")
+
+    def log(
+        self,
+        state: _State,
+        rollout: Rollout,
+        returns: Tensor,
+        result: _Update,
+        ok: bool,
+        failures: int,
+        rollout_seconds: float,
+    ) -> None:
+        ep_returns = self.dp.gather(rollout.episode_returns)  # the episodes of every rank
+        ep_lengths = self.dp.gather(rollout.episode_lengths)
+        self.recent_returns.extend(ep_returns.tolist())
+        elapsed = time.perf_counter() - self.t_start
+        step, fit = result.step, result.fit
+        values = rollout.values.reshape(-1)
+        metrics = {
+            "charts/episode_return": float(ep_returns.mean()) if ep_returns.numel() else None,
+            "charts/episode_length": (
+                float(ep_lengths.double().mean()) if ep_lengths.numel() else None
+            ),
+            "charts/episodes": ep_returns.numel(),
+            "charts/steps_per_second": (state.global_step - self.steps_at_start)
+            / max(elapsed, 1e-9),
+            "trpo/kl": step.kl,
+            "trpo/surrogate_improvement": step.surrogate_improvement,
+            "trpo/expected_improvement": step.expected_improvement,
+            "trpo/step_fraction": step.step_fraction,
+            "trpo/line_search_success": float(step.applied),
+            "trpo/line_search_tries": step.line_search_tries,
+            "trpo/grad_norm": step.grad_norm,
+            "trpo/step_norm": step.step_norm,
+            "trpo/entropy": step.entropy,
+            "trpo/explained_variance": explained_variance(values, returns, self.dp.reducer),
+            "trpo/value_loss": fit.value_loss if result.policy_ok else None,
+            "trpo/nonfinite_update": float(not ok),
+            "trpo/consecutive_failures": failures,
+            "natgrad/cg_iterations": step.cg_iterations,
+            "natgrad/cg_residual": step.cg_residual,
+            "time/rollout_seconds": rollout_seconds,
+            "time/policy_step_seconds": result.policy_seconds,
+            "time/critic_seconds": result.critic_seconds,
+            "time/update_seconds": result.policy_seconds + result.critic_seconds,
+        }
+        update = state.update
+        if update % self.config.log_every == 0 or update == self.num_updates or not ok:
+            self.logger.log(state.global_step, metrics)
+        recent = float(np.mean(self.recent_returns)) if self.recent_returns else None
+        self.bar.update(state.global_step, episode_return=recent, kl=step.kl)
+        if not self.bar.enabled and self.progress and update % self.text_every == 0:
+            shown = math.nan if recent is None else recent
+            print(
+                f"step {state.global_step:>9d}/{self.config.total_steps}  return {shown:8.1f}"
+                f"  kl {step.kl:.4f}  {metrics['charts/steps_per_second']:7.0f} steps/s",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+
+class _Checkpoints:
+    """Step 6: rank 0 writes ``ckpt_<update>`` of the state, at most once per update (an error
+    path that would save the same state again, e.g. right after a resume, leaves it be)."""
+
+    def __init__(
+        self, config: TRPOConfig, dp: DataParallel, reporter: _Reporter, last_saved: int
+    ) -> None:
+        self.config, self.dp, self.reporter, self.last_saved = config, dp, reporter, last_saved
+
+    def save(self, state: _State) -> None:
+        if state.update == self.last_saved or not self.dp.is_main:
+            return
+        saved: dict[str, Any] = {
+            "actor": state.actor.state_dict(),
+            "critic": state.critic.state_dict(),
+            "critic_optimizer": state.critic_opt.state_dict(),
+            "rng": capture_rng_state(torch_generator=state.generator),
+            "rng_cpu": state.cpu_generator.get_state(),
+            "update": state.update,
+            "global_step": state.global_step,
+            "config": self.config.to_dict(),
+            # In a distributed run each rank's RNG is derived from (seed, rank, update).
+            "world_size": self.dp.world_size,
+        }
+        if state.obs_rms is not None:
+            saved["obs_rms"] = state.obs_rms.state_dict()
+        if state.reward_scaler is not None:
+            saved["reward_scaler"] = state.reward_scaler.state_dict()
+        self.reporter.logger.flush()
+        save_run_checkpoint(
+            self.config.run_dir, state.update, saved, keep=self.config.keep_checkpoints
+        )
+        self.last_saved = state.update
+
+
+def _finish(config: TRPOConfig, state: _State, dp: DataParallel) -> TrainResult:
+    """The learning-curve PNG and the final deterministic evaluation (rank 0)."""
+    run_dir = config.run_dir
+    if config.plot and dp.is_main:
+        plot_learning_curve(
+            run_dir / "metrics.csv", run_dir / "learning_curve.png", title=config.env_id
+        )
+    if state.obs_rms is not None:
+        state.obs_rms.frozen = True
+    eval_returns: list[float] = []
+    if config.eval_episodes > 0 and dp.is_main:
+        eval_returns = evaluate_policy(
+            state.actor,
+            config.env_id,
+            episodes=config.eval_episodes,
+            obs_normalizer=state.obs_rms,
+            seed=config.seed + 10_000,
+        )
+        print(
+            f"evaluation over {len(eval_returns)} episodes: mean return "
+            f"{np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f}  (run dir: {run_dir})",
+            flush=True,
+        )
+    return TrainResult(
+        actor=state.actor,
+        critic=state.critic,
+        obs_normalizer=state.obs_rms,
+        config=config,
+        run_dir=run_dir,
+        metrics=read_metrics(run_dir / "metrics.csv") if dp.is_main else {},
+        eval_returns=eval_returns,
+        global_step=state.global_step,
+    )
+
+
+# --------------------------------------------------------------------------------- helpers
 def _env_reset_seed(config: TRPOConfig, update: int) -> int:
     # Fresh episodes after a resume must not replay the episodes of update 0.
     return config.seed + 7919 * update
@@ -101,408 +660,3 @@ def _dist_param_dim(action_space: gym.Space) -> int:
 
 def _is_finite_module(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters())
-
-
-def _print(message: str, bar: ProgressBar | None) -> None:
-    if bar is not None and bar.enabled:
-        bar.write(message)
-    else:
-        print(message, flush=True)
-
-
-def _resume_config(config: TRPOConfig, *, merge_saved: bool) -> TRPOConfig:
-    """The config of a resumed run: its saved config.json, overridden by the fields of
-    ``config`` that differ from the TRPOConfig defaults (``merge_saved``), else ``config``."""
-    base = load_config(config.resume)
-    if merge_saved:
-        defaults = TRPOConfig()
-        overrides = {
-            f.name: getattr(config, f.name)
-            for f in dataclasses.fields(config)
-            if f.name not in ("resume", "run_name")
-            and getattr(config, f.name) != getattr(defaults, f.name)
-        }
-        config = dataclasses.replace(base, **overrides, resume=config.resume)
-    if config.env_id != base.env_id:
-        raise ValueError(
-            f"env_id is {config.env_id!r} but the run in {config.resume} trains {base.env_id!r}; "
-            f"a resumed run keeps its env"
-        )
-    return dataclasses.replace(config, run_name=Path(config.resume).name)
-
-
-def train(config: TRPOConfig, *, merge_saved: bool = True) -> TrainResult:
-    """Train a TRPO agent as configured; returns the policy, the metrics and the run directory.
-
-    With ``config.resume`` set to a run directory, continues that run from its newest valid
-    checkpoint (step counter, networks, optimiser, normalisers, RNG states). Its saved
-    ``config.json`` is the base and the fields of ``config`` that differ from the
-    :class:`TRPOConfig` defaults override it, so ``train(TRPOConfig(resume=d,
-    total_steps=2_000_000))`` continues ``d`` with its own hyperparameters and a larger budget
-    (``merge_saved=False``: use ``config`` exactly as given, as the CLI does after merging).
-
-    Started by ``torchrun`` (``WORLD_SIZE > 1``), every process trains data parallel on its own
-    envs and rank 0 writes the run (``trpo.distributed``, docs/distributed.md).
-
-    Raises:
-        ValueError: Invalid config, unknown env id, or a batch that would not fit in memory
-            (all before any env is created).
-        TrainingError: ``max_consecutive_failures`` updates in a row were non-finite, or an env
-            produced a non-finite observation/reward or raised (the checkpoint of the last
-            completed update is kept).
-    """
-    if config.resume is not None:
-        config = _resume_config(config, merge_saved=merge_saved)
-    config = config.resolved()
-    check_env_id(config.env_id)
-    # The exact memory estimate needs the spaces, known only once an env exists; with the
-    # smallest spaces (1, 1) it is a lower bound, so a hopeless batch is refused before any
-    # env is created. _train repeats it with the real sizes before allocating anything.
-    check_memory(config, 1, 1)
-
-    if config.torch_threads > 0:
-        torch.set_num_threads(config.torch_threads)
-    device, dtype = config.torch_device(), config.torch_dtype()
-
-    # Under torchrun (WORLD_SIZE > 1): join the process group; rank 0's config (its run
-    # name holds a timestamp) for all. A failed collective (a rank died or hung) becomes a
-    # TrainingError naming the run to resume. See docs/distributed.md.
-    dp = DataParallel.from_env(device)
-    try:
-        config, device = dp.broadcast(config), dp.device(device)
-        envs = make_envs(config.env_id, config.n_envs, async_=config.async_envs)
-        try:
-            return _train(config, envs, device, dtype, dp)
-        finally:
-            envs.close()
-    except RuntimeError as e:
-        if not dp.enabled or isinstance(e, TrainingError):
-            raise
-        raise TrainingError(
-            f"rank {dp.rank} of {dp.world_size}: {type(e).__name__}: {e}. If another rank "
-            "died or hung, see its log; resume from the last checkpoint with --resume "
-            f"{config.run_dir}"
-        ) from e
-    finally:
-        dp.close()
-
-
-def _train(
-    config: TRPOConfig,
-    envs: Any,
-    device: torch.device,
-    dtype: torch.dtype,
-    dp: DataParallel = SINGLE_PROCESS,
-) -> TrainResult:
-    obs_space, act_space = envs.single_observation_space, envs.single_action_space
-    check_memory(config, observation_dim(obs_space), _dist_param_dim(act_space))
-
-    torch.manual_seed(config.seed)
-    actor = make_actor(obs_space, act_space, config.hidden_sizes).to(device=device, dtype=dtype)
-    critic = make_critic(obs_space, config.hidden_sizes).to(device=device, dtype=dtype)
-    if actor.family == "diag_gaussian" and config.log_std_init != 0.0:
-        with torch.no_grad():
-            actor.log_std.fill_(config.log_std_init)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
-    use_cuda_graph = config.cuda_graph and torch.device(device).type == "cuda"
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    cpu_generator = torch.Generator().manual_seed(config.seed + 1)
-    obs_rms = (
-        RunningMeanStd(tuple(obs_space.shape), clip=config.obs_clip)
-        if config.normalize_obs
-        else None
-    )
-    reward_scaler = (
-        RewardScaler(config.gamma, config.n_envs, clip=config.reward_clip)
-        if config.normalize_reward
-        else None
-    )
-    obs_rms, reward_scaler = dp.synced_statistics(obs_rms, reward_scaler)
-    # total_steps counts the env steps of all ranks.
-    num_updates = dp.num_updates(config.total_steps, config.batch_size)
-
-    run_dir = config.run_dir
-    start_update, global_step, failures = 0, 0, 0
-    if config.resume is not None:
-        loaded = load_latest_checkpoint(run_dir, map_location=device)
-        for path, reason in loaded.skipped:
-            print(f"warning: skipped checkpoint {path}: {reason}", file=sys.stderr)
-        state = loaded.state
-        actor.load_state_dict(state["actor"])
-        critic.load_state_dict(state["critic"])
-        critic_opt.load_state_dict(state["critic_optimizer"])
-        if obs_rms is not None:
-            obs_rms.load_state_dict(state["obs_rms"])
-        if reward_scaler is not None:
-            reward_scaler.load_state_dict(state["reward_scaler"])
-            # The episodes in progress are not resumed (fresh ones start), so neither are
-            # their discounted-return accumulators; the return statistics are.
-            reward_scaler.returns[:] = 0.0
-        restore_rng_state(state["rng"], torch_generator=generator)
-        cpu_generator.set_state(state["rng_cpu"])
-        start_update, global_step = int(state["update"]), int(state["global_step"])
-        print(f"resumed {run_dir} from {loaded.path.name} at step {global_step}", flush=True)
-        if state.get("world_size", 1) != dp.world_size and dp.is_main:
-            print(
-                f"warning: resuming a run of {state.get('world_size', 1)} rank(s) with "
-                f"{dp.world_size}: the batch per update changes",
-                file=sys.stderr,
-            )
-    # Every rank starts from rank 0's parameters (and checks that the rest agrees too).
-    dp.broadcast_modules(actor, critic)
-    dp.check_agreement(actor, critic, critic_opt, obs_rms, reward_scaler)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if dp.is_main:
-        save_config(config, run_dir)
-    # The state at the start of update u is saved as ckpt_u at most once: an error path
-    # that would save the same state again (e.g. right after a resume) leaves the file be.
-    last_saved = start_update if config.resume is not None else -1
-
-    def checkpoint(update: int) -> None:
-        nonlocal last_saved
-        if update == last_saved or not dp.is_main:  # rank 0 alone writes
-            return
-        state = {
-            "actor": actor.state_dict(),
-            "critic": critic.state_dict(),
-            "critic_optimizer": critic_opt.state_dict(),
-            "rng": capture_rng_state(torch_generator=generator),
-            "rng_cpu": cpu_generator.get_state(),
-            "update": update,
-            "global_step": global_step,
-            "config": config.to_dict(),
-        }
-        if obs_rms is not None:
-            state["obs_rms"] = obs_rms.state_dict()
-        if reward_scaler is not None:
-            state["reward_scaler"] = reward_scaler.state_dict()
-        if dp.enabled:  # each rank's RNG is derived from (seed, rank, update): nothing to save
-            state["world_size"] = dp.world_size
-        logger.flush()
-        save_run_checkpoint(run_dir, update, state, keep=config.keep_checkpoints)
-        last_saved = update
-
-    logger = (
-        MetricsLogger(
-            run_dir,
-            tensorboard=config.tensorboard,
-            resume_step=global_step if config.resume is not None else None,
-        )
-        if dp.is_main
-        else NullLogger()
-    )
-    progress = config.progress and dp.is_main
-    bar = ProgressBar(config.total_steps, initial=global_step, enabled=progress)
-    recent_returns: collections.deque[float] = collections.deque(maxlen=20)
-    text_every = max(1, num_updates // 20)
-    rollout_state = init_rollout_state(
-        envs, dp.env_seed(_env_reset_seed(config, start_update)), global_step=global_step
-    )
-    t_start, steps_at_start = time.perf_counter(), global_step
-    try:
-        for update in range(start_update, num_updates):
-            # --- 1. rollout with π_old ----------------------------------------------------
-            t0 = time.perf_counter()
-            dp.reseed(config.seed, update, generator, cpu_generator)
-            noise_state = generator.get_state()
-            try:
-                rollout = collect_rollout(
-                    envs,
-                    actor,
-                    critic,
-                    config.n_steps,
-                    state=rollout_state,
-                    generator=generator,
-                    obs_normalizer=obs_rms,
-                    reward_scaler=reward_scaler,
-                    dtype=dtype,
-                )
-            except (ValueError, RuntimeError) as e:
-                # A failed rollout changes no saved state (statistics and episode counters
-                # are updated only on success) except the action noise drawn: undo that, so
-                # the checkpoint is exactly the state after the last completed update.
-                generator.set_state(noise_state)
-                checkpoint(update)
-                raise TrainingError(
-                    f"{e}; the checkpoint of the last completed update ({update}) is in "
-                    f"{run_dir}; resume with --resume {run_dir}"
-                ) from e
-            global_step += dp.world_size * rollout.batch_size
-            t1 = time.perf_counter()
-
-            # --- 2. advantages by GAE(γ, λ) -----------------------------------------------
-            advantages, returns = compute_gae(
-                rollout.rewards,
-                rollout.values,
-                rollout.next_values,
-                rollout.terminations,
-                rollout.truncations,
-                config.gamma,
-                config.gae_lambda,
-            )
-            obs = rollout.obs.reshape(rollout.batch_size, *rollout.obs.shape[2:])
-            actions = rollout.actions.reshape(rollout.batch_size, *rollout.actions.shape[2:])
-            adv = advantages.reshape(-1)
-            if config.normalize_advantages:
-                adv = dp.normalize_advantages(adv) if dp.enabled else normalize_advantages(adv)
-
-            # --- 3. trust-region policy step -------------------------------------------------
-            # A non-finite iteration must change no parameter: keep all it could touch.
-            backup = copy.deepcopy(
-                (actor.state_dict(), critic.state_dict(), critic_opt.state_dict())
-            )
-            step = policy_step(
-                actor,
-                PolicyBatch(obs=obs, actions=actions, advantages=adv),
-                max_kl=config.max_kl,
-                cg_iters=config.cg_iters,
-                cg_damping=config.cg_damping,
-                cg_rtol=config.cg_rtol,
-                fvp_fraction=config.fvp_fraction,
-                line_search_shrink=config.line_search_shrink,
-                line_search_max_tries=config.line_search_max_tries,
-                line_search_accept_ratio=config.line_search_accept_ratio,
-                generator=cpu_generator,
-                distributed=dp.enabled,
-                cuda_graph=use_cuda_graph,
-            )
-            t2 = time.perf_counter()
-
-            # --- 4. critic regression on the GAE returns ----------------------------------
-            policy_ok = step.status != StepStatus.NON_FINITE.name
-            fit = CriticFitResult(value_loss=math.nan, steps=0)
-            if policy_ok:  # a batch that broke the policy step is not fitted either
-                fit = fit_critic(
-                    critic,
-                    critic_opt,
-                    obs,
-                    returns.reshape(-1),
-                    epochs=config.critic_epochs,
-                    minibatch_size=config.critic_minibatch_size,
-                    generator=cpu_generator,
-                    distributed=dp.enabled,
-                    cuda_graph=use_cuda_graph,
-                )
-            update_ok = policy_ok and math.isfinite(fit.value_loss) and _is_finite_module(critic)
-            t3 = time.perf_counter()
-
-            # --- 5. failure accounting: a non-finite update is never applied ----------------
-            failures = 0 if update_ok else failures + 1
-            if not update_ok:
-                actor.load_state_dict(backup[0])
-                critic.load_state_dict(backup[1])
-                critic_opt.load_state_dict(backup[2])
-                _print(
-                    f"update {update + 1}: non-finite {'critic fit' if policy_ok else 'policy step'}"
-                    f" rejected, parameters kept ({failures}/{config.max_consecutive_failures})",
-                    bar,
-                )
-            elif step.status != StepStatus.OK.name:  # degenerate but safe: a logged no-op
-                _print(f"update {update + 1}: {StepStatus[step.status].message}", bar)
-
-            # The ranks must still agree (bit for bit); a cheap checksum, fails loudly if not.
-            dp.check_agreement(actor, critic, critic_opt, obs_rms, reward_scaler)
-
-            # --- 6. log ---------------------------------------------------------------------
-            ep_returns = dp.gather(rollout.episode_returns)  # the episodes of every rank
-            ep_lengths = dp.gather(rollout.episode_lengths)
-            recent_returns.extend(ep_returns.tolist())
-            ep_return = float(ep_returns.mean()) if ep_returns.numel() else None
-            elapsed = time.perf_counter() - t_start
-            metrics = {
-                "charts/episode_return": ep_return,
-                "charts/episode_length": float(ep_lengths.double().mean())
-                if ep_lengths.numel()
-                else None,
-                "charts/episodes": ep_returns.numel(),
-                "charts/steps_per_second": (global_step - steps_at_start) / max(elapsed, 1e-9),
-                "trpo/kl": step.kl,
-                "trpo/surrogate_improvement": step.surrogate_improvement,
-                "trpo/expected_improvement": step.expected_improvement,
-                "trpo/step_fraction": step.step_fraction,
-                "trpo/line_search_success": float(step.applied),
-                "trpo/line_search_tries": step.line_search_tries,
-                "trpo/step_status": step.status,
-                "trpo/grad_norm": step.grad_norm,
-                "trpo/step_norm": step.step_norm,
-                "trpo/entropy": step.entropy,
-                "trpo/explained_variance": (
-                    dp.explained_variance if dp.enabled else explained_variance
-                )(rollout.values.reshape(-1), returns.reshape(-1)),
-                "trpo/value_loss": fit.value_loss if policy_ok else None,
-                "trpo/nonfinite_update": float(not update_ok),
-                "trpo/consecutive_failures": failures,
-                "natgrad/cg_iterations": step.cg_iterations,
-                "natgrad/cg_residual": step.cg_residual,
-                "time/rollout_seconds": t1 - t0,
-                "time/policy_step_seconds": t2 - t1,
-                "time/critic_seconds": t3 - t2,
-                "time/update_seconds": t3 - t1,
-            }
-            last = update + 1 == num_updates
-            if (update + 1) % config.log_every == 0 or last or not update_ok:
-                logger.log(
-                    global_step, {k: v for k, v in metrics.items() if not isinstance(v, str)}
-                )
-            recent = float(np.mean(recent_returns)) if recent_returns else None
-            bar.update(global_step, episode_return=recent, kl=step.kl)
-            if not bar.enabled and progress and (update + 1) % text_every == 0:
-                print(
-                    f"step {global_step:>9d}/{config.total_steps}  return {recent if recent is not None else float('nan'):8.1f}"
-                    f"  kl {step.kl:.4f}  {metrics['charts/steps_per_second']:7.0f} steps/s",
-                    flush=True,
-                )
-
-            # --- 7. checkpoint (the last good state first, when giving up) --------------------
-            if failures >= config.max_consecutive_failures:
-                checkpoint(update + 1)
-                raise TrainingError(
-                    f"{failures} consecutive updates were non-finite and rejected (last: policy "
-                    f"step {step.status}, critic loss {fit.value_loss}); the parameters of the "
-                    f"last good update are saved in {checkpoint_path(run_dir, update + 1)}. "
-                    "Try a smaller max_kl, more cg_damping, normalize_obs/normalize_reward, "
-                    "or float64."
-                )
-            if (update + 1) % config.checkpoint_every == 0 and update + 1 < num_updates:
-                checkpoint(update + 1)
-        # max: a resume asked for fewer steps than already done trains nothing and must not
-        # save the current state under an older update's name.
-        checkpoint(max(num_updates, start_update))
-    finally:
-        bar.close()
-        logger.close()
-
-    if config.plot and dp.is_main:
-        plot_learning_curve(
-            run_dir / "metrics.csv", run_dir / "learning_curve.png", title=config.env_id
-        )
-    if obs_rms is not None:
-        obs_rms.frozen = True
-    eval_returns: list[float] = []
-    if config.eval_episodes > 0 and dp.is_main:
-        # Imported here: `import trpo` must not import trpo.evaluate, or
-        # `python -m trpo.evaluate` warns that the module was imported before it ran.
-        from trpo.evaluate import evaluate_policy
-
-        eval_returns = evaluate_policy(
-            actor,
-            config.env_id,
-            episodes=config.eval_episodes,
-            obs_normalizer=obs_rms,
-            seed=config.seed + 10_000,
-        )
-        print(
-            f"evaluation over {len(eval_returns)} episodes: mean return "
-            f"{np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f}  (run dir: {run_dir})",
-            flush=True,
-        )
-    return TrainResult(
-        actor=actor,
-        critic=critic,
-        obs_normalizer=obs_rms,
-        config=config,
-        run_dir=run_dir,
-        metrics=read_metrics(run_dir / "metrics.csv") if dp.is_main else {},
-        eval_returns=eval_returns,
-        global_step=global_step,
-    )

@@ -1,54 +1,65 @@
-"""One TRPO iteration: surrogate, g, Fisher operator, natural step, line search, critic fit.
+"""The TRPO policy step, in the order of the paper.
 
-Read top to bottom next to the paper (Schulman et al. 2015, "Trust Region Policy
-Optimization", and docs/theory.md):
+Read top to bottom next to Schulman et al. (2015), "Trust Region Policy Optimization", and
+docs/theory.md. With π_old the policy that collected the batch:
 
-1. The importance-sampled surrogate on the batch of states and actions collected by π_old,
+1. the importance-sampled surrogate (:func:`surrogate`)
 
-       L(θ) = mean_t [ π_θ(a_t|s_t) / π_old(a_t|s_t) · Â_t ],      L(θ_old) = mean Â (= 0 normalised)
+       L(θ) = mean_t [ π_θ(a_t|s_t) / π_old(a_t|s_t) · Â_t ],      L(θ_old) = mean Â;
 
 2. its gradient at θ_old, g = ∇_θ L(θ_old) (the vanilla policy gradient);
-3. the Fisher H = ∇²_θ mean_s KL(π_old(·|s) ‖ π_θ(·|s)) at θ_old, as a matrix-free operator
-   mean_s J_sᵀ F_out J_s (``natgrad.fisher_operator``) on the same states (or a fraction);
+3. the Fisher H = ∇²_θ D̄_KL(θ_old) of the mean KL (:func:`mean_kl`) at θ_old, as the
+   matrix-free operator mean_s J_sᵀ F_out J_s (``natgrad.fisher_operator``) on the same states
+   (or a random fraction of them);
 4. the natural step Δθ = sqrt(2δ / sᵀ(H+λI)s) · s with s ≈ (H+λI)⁻¹g by CG
    (``natgrad.natural_step``);
 5. the backtracking line search θ_old + βᵏΔθ accepting the first point that improves L and
-   keeps the exact mean KL ≤ δ (``natgrad.line_search``); if none, θ stays θ_old;
-6. the critic V_φ fitted to the GAE returns by Adam on minibatches.
+   keeps the exact mean KL ≤ δ (``natgrad.line_search``); if none, θ stays θ_old.
 
-The functions here never write a non-finite number into the parameters: a step is copied into
-the actor only when the line search accepted it, and the accepted point is finite by
+Two things are arranged for speed without changing the mathematics: π_θ is linearised at
+θ_old once (step 0 below), and that linearisation gives π_old (its outputs), g (its reverse
+pass, ``Jᵀ ∇_z L``) and the Fisher's products; and the step runs without a host sync, so on
+CUDA it can be recorded once as a CUDA graph and replayed (:func:`graphed_policy_step`).
+Every mean over samples goes through the injected ``reducer``
+(:class:`natgrad.distributed.Reducer`): the identity in one process, the global mean over
+every process's shard in a data-parallel run. The critic fit is :mod:`trpo.critic`.
+
+Nothing here writes a non-finite number into the parameters: a step is copied into the
+actor only when the line search accepted it, and the accepted point is finite by
 construction (non-finite candidates are rejected).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from natgrad import distributed as nd
+from natgrad import cuda_graph
+from natgrad.cg import CG
 from natgrad.curvature import fisher_operator
+from natgrad.distributed import LOCAL, Reducer
+from natgrad.families import DistParams, entropy, kl_divergence, log_prob
 from natgrad.params import ParamSpace, flat_grad
-from natgrad.trust_region import NaturalStep, line_search, natural_step
-from trpo.fast_critic import _FlatMLP, fit_mlp_critic, supports_fast_fit
-from trpo.fast_fisher import mlp_dist_fn
-from trpo.policy import Actor, Critic, entropy, kl_divergence, log_prob
+from natgrad.trust_region import LineSearchResult, NaturalStep, line_search, natural_step
+from trpo.critic import settings_from_keywords
+from trpo.policy import Actor
 
 __all__ = [
+    "OldPolicy",
     "PolicyBatch",
     "PolicyStepResult",
-    "CriticFitResult",
-    "surrogate",
+    "PolicyStepSettings",
+    "PolicyStepTensors",
+    "graphed_policy_step",
+    "line_search_batched",
     "mean_kl",
     "policy_step",
     "policy_step_tensors",
-    "PolicyStepTensors",
-    "fit_critic",
-    "explained_variance",
+    "surrogate",
 ]
 
 
@@ -65,6 +76,60 @@ class PolicyBatch:
     obs: Tensor
     actions: Tensor
     advantages: Tensor
+
+
+@dataclass(frozen=True)
+class PolicyStepSettings:
+    """The hyperparameters of one policy step.
+
+    Attributes:
+        max_kl: δ, the bound on the mean KL (> 0).
+        cg_iters: CG iterations (the maximum when ``cg_rtol > 0``).
+        cg_damping: λ in (H + λI)s = g (≥ 0).
+        cg_rtol: CG relative tolerance; 0 runs exactly ``cg_iters`` iterations (no sync).
+        fvp_fraction: Fraction of the states used for the Fisher, in (0, 1].
+        line_search_shrink: β of the backtracking θ_old + βᵏΔθ, in (0, 1).
+        line_search_max_tries: Candidates tried (≥ 1).
+        line_search_accept_ratio: Required fraction of the expected improvement (≥ 0).
+        cuda_graph: On CUDA, run the whole step as one CUDA graph, recorded at the first
+            call for these shapes and settings and replayed afterwards. Needs
+            ``cg_rtol = 0``, ``fvp_fraction = 1`` and one process; otherwise, or if
+            recording fails, the eager step runs.
+    """
+
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    cg_damping: float = 0.1
+    cg_rtol: float = 0.0
+    fvp_fraction: float = 1.0
+    line_search_shrink: float = 0.8
+    line_search_max_tries: int = 10
+    line_search_accept_ratio: float = 0.0
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_kl": self.max_kl > 0,
+            "cg_damping": self.cg_damping >= 0,
+            "cg_rtol": self.cg_rtol >= 0,
+            "fvp_fraction": 0 < self.fvp_fraction <= 1,
+            "line_search_shrink": 0 < self.line_search_shrink < 1,
+            "line_search_accept_ratio": self.line_search_accept_ratio >= 0,
+            "cg_iters": self.cg_iters >= 1,
+            "line_search_max_tries": self.line_search_max_tries >= 1,
+        }
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not (ok and math.isfinite(value)) or isinstance(value, bool):
+                raise ValueError(f"{name} is out of range: got {value!r}")
+        for name in ("cg_iters", "line_search_max_tries"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> PolicyStepSettings:
+        """From a :class:`~trpo.config.TRPOConfig` or any object with the same-named fields."""
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -101,118 +166,35 @@ class PolicyStepResult:
 
 
 @dataclass(frozen=True)
-class CriticFitResult:
-    """Mean squared error of the critic over its last epoch, and the number of Adam steps."""
+class OldPolicy:
+    """π_old on the batch, fixed for the whole step (so the ratios are exactly 1 at θ_old).
 
-    value_loss: float
-    steps: int
+    Attributes:
+        family: The actor's distribution family.
+        dist: π_old's distribution parameters on the batch states (detached copies).
+        log_prob: ``(B,)`` log π_old(a_t|s_t).
+        entropy: Mean entropy of π_old over the batch (0-d).
+    """
 
-
-def surrogate(
-    actor: Actor,
-    params: Mapping[str, Tensor],
-    batch: PolicyBatch,
-    log_prob_old: Tensor,
-) -> Tensor:
-    """L(θ) = mean_t [ exp(log π_θ(a_t|s_t) − log π_old(a_t|s_t)) · Â_t ], a 0-d tensor."""
-    dist = actor.functional_dist_params(params, batch.obs)
-    return _surrogate_of_dist(actor.family, dist, batch, log_prob_old)
+    family: str
+    dist: DistParams
+    log_prob: Tensor
+    entropy: Tensor
 
 
-def _surrogate_of_dist(family: str, dist, batch: PolicyBatch, log_prob_old: Tensor) -> Tensor:
-    """L as a function of π_θ's distribution parameters on the batch states."""
-    ratio = torch.exp(log_prob(family, dist, batch.actions) - log_prob_old)
+def surrogate(dist: DistParams, batch: PolicyBatch, old: OldPolicy) -> Tensor:
+    """(1) L = mean_t [ exp(log π(a_t|s_t) − log π_old(a_t|s_t)) · Â_t ], a 0-d tensor, for
+    π given by its distribution parameters ``dist`` on the batch states (for π_θ:
+    ``actor.functional_dist_params(θ, batch.obs)``)."""
+    ratio = torch.exp(log_prob(old.family, dist, batch.actions) - old.log_prob)
     return (ratio * batch.advantages).mean()
 
 
-def mean_kl(actor: Actor, params: Mapping[str, Tensor], obs: Tensor, dist_old) -> Tensor:
-    """D̄_KL(θ) = mean_s KL(π_old(·|s) ‖ π_θ(·|s)) in closed form, a 0-d tensor."""
-    dist_new = actor.functional_dist_params(params, obs)
-    return kl_divergence(actor.family, dist_old, dist_new).mean()
-
-
-def _detach(dist):
-    if isinstance(dist, (list, tuple)):
-        return type(dist)(d.detach() for d in dist)
-    return dist.detach()
-
-
-def _clone(dist):
-    if isinstance(dist, (list, tuple)):
-        return type(dist)(d.detach().clone() for d in dist)
-    return dist.detach().clone()
-
-
-def policy_step(
-    actor: Actor,
-    batch: PolicyBatch,
-    *,
-    max_kl: float,
-    cg_iters: int,
-    cg_damping: float,
-    cg_rtol: float = 0.0,
-    fvp_fraction: float = 1.0,
-    line_search_shrink: float = 0.8,
-    line_search_max_tries: int = 10,
-    line_search_accept_ratio: float = 0.0,
-    generator: torch.Generator | None = None,
-    distributed: bool = False,
-    cuda_graph: bool = False,
-) -> PolicyStepResult:
-    """One trust-region step of the actor, in place (only if the line search accepts).
-
-    Args:
-        actor: The policy π_θ; its parameters are θ_old on entry.
-        batch: States, actions and advantages collected by π_old.
-        max_kl: δ, the bound on the mean KL.
-        cg_iters: CG iterations (the maximum when ``cg_rtol > 0``).
-        cg_damping: λ in (H + λI)s = g.
-        cg_rtol: CG relative tolerance; 0 runs exactly ``cg_iters`` iterations.
-        fvp_fraction: Fraction of the states used for Fisher-vector products.
-        line_search_shrink: β of the backtracking θ_old + βᵏΔθ.
-        line_search_max_tries: Candidates tried.
-        line_search_accept_ratio: Required fraction of the expected improvement.
-        generator: RNG for the Fisher subsample.
-        distributed: Data parallel (``natgrad.distributed``): ``batch`` is this rank's shard
-            and every mean over samples (L, g, each Fisher-vector product, the line-search L
-            and KL, the entropy) is the sample-count-weighted mean over all ranks, so every
-            rank takes the step one process would take on the union of the shards. Every
-            rank must call this together, with identical actor parameters.
-        cuda_graph: On CUDA, run the whole step (gradient, Fisher set-up, CG, step, batched
-            line search) as one CUDA graph, recorded at the first call for these shapes and
-            settings and replayed afterwards (``trpo.cuda_graphs``): the step stops being
-            launch-bound. Needs fixed-iteration CG (``cg_rtol = 0``), ``fvp_fraction = 1``
-            and no ``distributed``; otherwise, or if recording fails, the eager step runs.
-
-    Returns:
-        A :class:`PolicyStepResult`.
-    """
-    settings = dict(
-        max_kl=max_kl,
-        cg_iters=cg_iters,
-        cg_damping=cg_damping,
-        cg_rtol=cg_rtol,
-        fvp_fraction=fvp_fraction,
-        line_search_shrink=line_search_shrink,
-        line_search_max_tries=line_search_max_tries,
-        line_search_accept_ratio=line_search_accept_ratio,
-    )
-    out = None
-    if cuda_graph and not distributed:
-        from trpo.cuda_graphs import graphed_policy_step
-
-        out = graphed_policy_step(actor, batch, settings)
-    if out is None:
-        out = policy_step_tensors(
-            actor, batch, generator=generator, distributed=distributed, **settings
-        )
-    with torch.no_grad():
-        # Written unconditionally: a rejected search returns θ_old bit for bit, so the copy
-        # is then a no-op, and deciding on the host would cost a device sync.
-        new_params = out.space.unravel(out.theta)
-        for name, p in actor.named_parameters():
-            p.copy_(new_params[name])
-    return _step_result(out)
+def mean_kl(dist: DistParams, old: OldPolicy) -> Tensor:
+    """(3, 5) D̄_KL = mean_s KL(π_old(·|s) ‖ π(·|s)) in closed form, a 0-d tensor, for π given
+    by its distribution parameters ``dist`` on the states of ``old``. Its Hessian at θ_old
+    is the Fisher H; the line search bounds it by δ."""
+    return kl_divergence(old.family, old.dist, dist).mean()
 
 
 @dataclass(frozen=True)
@@ -233,144 +215,253 @@ class PolicyStepTensors:
     space: ParamSpace
 
 
+# ------------------------------------------------------------------------- the step
+def policy_step(
+    actor: Actor,
+    batch: PolicyBatch,
+    settings: PolicyStepSettings | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    reducer: Reducer = LOCAL,
+    **legacy: Any,
+) -> PolicyStepResult:
+    """One trust-region step of the actor, in place (only if the line search accepts).
+
+    Args:
+        actor: The policy π_θ; its parameters are θ_old on entry.
+        batch: States, actions and advantages collected by π_old (this process's shard).
+        settings: A :class:`PolicyStepSettings`. (The keywords of its fields and
+            ``distributed=`` still work and warn: deprecated.)
+        generator: RNG of the Fisher's subsample (``fvp_fraction < 1``).
+        reducer: The cross-process reduction. Data parallel: every mean over samples (L,
+            g, each Fisher-vector product, the line-search L and KL, the entropy) is the
+            sample-count-weighted mean over all processes, so each takes the step one
+            process would take on the union of the shards; all must call this together,
+            with identical parameters. :data:`~natgrad.distributed.LOCAL`: one process.
+
+    Returns:
+        A :class:`PolicyStepResult`.
+    """
+    if legacy:
+        settings, reducer = settings_from_keywords(PolicyStepSettings, legacy, reducer)
+    if settings is None:
+        raise TypeError("policy_step needs settings (a PolicyStepSettings)")
+    out = None
+    if settings.cuda_graph and not reducer.active:
+        out = graphed_policy_step(actor, batch, settings)
+    if out is None:
+        out = policy_step_tensors(actor, batch, settings, generator=generator, reducer=reducer)
+    with torch.no_grad():
+        # Written unconditionally: a rejected search returns θ_old bit for bit, so the copy
+        # is then a no-op, and deciding on the host would cost a device sync.
+        new_params = out.space.unravel(out.theta)
+        for name, p in actor.named_parameters():
+            p.copy_(new_params[name])
+    return _step_result(out)
+
+
 def policy_step_tensors(
     actor: Actor,
     batch: PolicyBatch,
+    settings: PolicyStepSettings,
     *,
-    max_kl: float,
-    cg_iters: int,
-    cg_damping: float,
-    cg_rtol: float = 0.0,
-    fvp_fraction: float = 1.0,
-    line_search_shrink: float = 0.8,
-    line_search_max_tries: int = 10,
-    line_search_accept_ratio: float = 0.0,
     generator: torch.Generator | None = None,
-    distributed: bool = False,
+    reducer: Reducer = LOCAL,
 ) -> PolicyStepTensors:
     """:func:`policy_step`'s computation, without touching the actor or the host.
 
     Arguments as :func:`policy_step`. With fixed-iteration CG (``cg_rtol = 0``),
-    ``fvp_fraction = 1`` and the batched line search (CUDA), it runs without a host sync,
-    which is what lets ``trpo.cuda_graphs`` record it as one CUDA graph.
+    ``fvp_fraction = 1``, one process and the batched line search (CUDA), it runs without a
+    host sync, which is what lets :func:`graphed_policy_step` record it as one CUDA graph.
     """
     params = {name: p.detach() for name, p in actor.named_parameters()}
     space = ParamSpace(params)
     theta_old = space.ravel(params)
-    family = actor.family
+    weight = reducer.weight(batch.obs.shape[0])
 
-    # (3) The Fisher H on the same states (optionally a random fraction of them), built
-    # before (1, 2) on purpose: building it linearises the actor at θ_old (one forward, one
-    # backward). On the full
-    # batch that linearisation also gives π_old (its outputs) and g (its Jᵀ, below), so the
-    # actor's forward runs once here instead of three times.
-    fvp_obs = batch.obs
-    n_states = batch.obs.shape[0]
-    if fvp_fraction < 1.0:
-        n_fvp = max(1, int(round(fvp_fraction * n_states)))
-        idx = torch.randperm(n_states, generator=generator, device="cpu")[:n_fvp]
-        fvp_obs = batch.obs[idx.to(batch.obs.device)]
-    # The tanh-MLP actor's Jacobian products written out (trpo.fast_fisher: the same
-    # products without the autograd engine), else torch.func's.
-    fast_dist = mlp_dist_fn(actor, params, fvp_obs)
-    if fast_dist is not None:
-        fisher = fisher_operator(fast_dist, params, fvp_obs, family=family, linearization="custom")
-    else:
-        fisher = fisher_operator(actor.functional_dist_params, params, fvp_obs, family=family)
-    # (Any operator works below; the reuse needs the Fisher's cached outputs and Jᵀ.)
-    full_batch = (
-        fvp_obs is batch.obs
-        and getattr(fisher, "vjp", None) is not None
-        and getattr(fisher, "outputs", None) is not None
-    )
+    # (0) π_θ linearised at θ_old on the Fisher's states, once: its outputs are π_old, its
+    # reverse pass gives g in (2), its forward and reverse passes the Fisher in (3).
+    fisher_obs = _fisher_states(batch.obs, settings.fvp_fraction, generator)
+    fisher = _fisher(actor, params, fisher_obs)
+    linearised = fisher if _reuses_linearisation(fisher, fisher_obs, batch) else None
+    old = _old_policy(actor, params, batch, linearised)
 
-    # π_old on the batch, fixed for the whole step: ratios are exactly 1 at θ_old.
-    with torch.no_grad():
-        if full_batch:
-            # Cloned: a shared log σ in the outputs is the live parameter itself, which the
-            # step below overwrites; π_old must not move with it.
-            dist_old = _clone(fisher.outputs)
-        else:
-            dist_old = _detach(actor.functional_dist_params(params, batch.obs))
-        log_prob_old = log_prob(family, dist_old, batch.actions)
-        policy_entropy = entropy(family, dist_old).mean()
+    # (1) L(θ_old) and (2) g = ∇_θ L(θ_old), as global means (with the entropy).
+    surrogate_old, g = _surrogate_and_gradient(actor, params, batch, old, linearised)
+    g, surrogate_old, policy_entropy = _global_means(reducer, weight, g, surrogate_old, old)
 
-    # (1, 2) The surrogate L(θ_old) and its gradient g.
-    if full_batch:
-        # g = ∇_θ L = Jᵀ ∇_z L with z = π_θ's distribution parameters: ∇_z L is a cheap
-        # elementwise gradient, Jᵀ is the Fisher's cached reverse pass.
-        grad_z, surrogate_old = torch.func.grad_and_value(
-            lambda dist: _surrogate_of_dist(family, dist, batch, log_prob_old)
-        )(dist_old)
-        g = fisher.vjp(grad_z)
-    else:
-        surrogate_old, g = flat_grad(lambda p: surrogate(actor, p, batch, log_prob_old), params)
-    weight = 1.0
-    if distributed:  # global means, w_r-weighted: one all-reduce for g, L and the entropy
-        weight = nd.sample_weight(batch.obs.shape[0])
-        packed = torch.cat([g, surrogate_old.reshape(1), policy_entropy.reshape(1).to(g)])
-        packed = nd.all_reduce_mean(packed, weight=weight)
-        g, surrogate_old, policy_entropy = packed[:-2], packed[-2], packed[-1]
-        # Each Fisher-vector product: the mean over the Fisher states of every rank.
-        fvp_weight = nd.sample_weight(fvp_obs.shape[0]) if fvp_fraction < 1.0 else weight
-        fisher = nd.all_reduce_operator(fisher, weight=fvp_weight)
+    # (3) H: every Fisher-vector product the mean over the Fisher states of every process.
+    fisher_weight = weight if fisher_obs is batch.obs else reducer.weight(fisher_obs.shape[0])
+    H = reducer.operator(fisher, fisher_weight)
 
     # (4) Natural step Δθ = sqrt(2δ / sᵀ(H+λI)s) · s, s ≈ (H+λI)⁻¹ g.
     step = natural_step(
         g,
-        fisher,
-        max_kl,
-        damping=cg_damping,
-        maxiter=cg_iters,
-        rtol=cg_rtol,
-        atol=0.0,
-        check_finite=False,
+        H,
+        settings.max_kl,
+        damping=settings.cg_damping,
+        # check_finite=False: a non-finite g or product becomes a NON_FINITE zero step on the
+        # device, where raising would need a host sync.
+        solver=CG(rtol=settings.cg_rtol, maxiter=settings.cg_iters, check_finite=False),
     )
 
-    # (5) Backtracking line search on the exact surrogate and the exact mean KL. Both come
-    # from one forward per candidate: the line search asks for L(θ) then KL(θ) at the same
-    # θ, so the pair is computed on the first call and reused by the second. On a GPU all
-    # candidates are evaluated in one batched (vmapped) pass and picked on the device.
+    # (5) Backtracking line search on the exact surrogate and the exact mean KL.
+    result = _line_search(
+        actor, space, theta_old, batch, old, step, surrogate_old, settings, reducer, weight
+    )
+
+    stats = _stats(result, surrogate_old, step, g, theta_old, policy_entropy)
+    return PolicyStepTensors(theta=result.theta, stats=stats, step=step, space=space)
+
+
+# --------------------------------------------------------------- the step's helpers
+def _fisher_states(obs: Tensor, fraction: float, generator: torch.Generator | None) -> Tensor:
+    """The states of the Fisher: ``obs`` itself, or a random ``fraction`` of them."""
+    if fraction >= 1.0:
+        return obs
+    n = obs.shape[0]
+    idx = torch.randperm(n, generator=generator, device="cpu")[: max(1, int(round(fraction * n)))]
+    return obs[idx.to(obs.device)]
+
+
+def _fisher(actor: Actor, params: dict[str, Tensor], obs: Tensor) -> Any:
+    """The Fisher operator at θ_old: on the written-out tanh-MLP products of
+    :mod:`natgrad.mlp` for the plain actor, else on ``torch.func``'s."""
+    written_out = actor.written_out_dist_fn(params, obs)
+    if written_out is not None:
+        return fisher_operator(
+            written_out, params, obs, family=actor.family, linearization="custom"
+        )
+    return fisher_operator(actor.functional_dist_params, params, obs, family=actor.family)
+
+
+def _reuses_linearisation(fisher: Any, fisher_obs: Tensor, batch: PolicyBatch) -> bool:
+    """Whether the Fisher was built on the whole batch and exposes its outputs and ``Jᵀ``
+    (any operator works for the step; only this one saves the extra forward passes)."""
+    return (
+        fisher_obs is batch.obs
+        and getattr(fisher, "vjp", None) is not None
+        and getattr(fisher, "outputs", None) is not None
+    )
+
+
+def _old_policy(
+    actor: Actor, params: dict[str, Tensor], batch: PolicyBatch, fisher: Any | None
+) -> OldPolicy:
+    """π_old on the batch, from the Fisher's cached outputs when given (else a forward).
+
+    Cloned: a shared log σ among the outputs is the live parameter itself, which the step
+    overwrites; π_old must not move with it.
+    """
+    with torch.no_grad():
+        dist = (
+            fisher.outputs
+            if fisher is not None
+            else actor.functional_dist_params(params, batch.obs)
+        )
+        dist = torch.utils._pytree.tree_map(lambda t: t.detach().clone(), dist)
+        family = actor.family
+        return OldPolicy(
+            family=family,
+            dist=dist,
+            log_prob=log_prob(family, dist, batch.actions),
+            entropy=entropy(family, dist).mean(),
+        )
+
+
+def _surrogate_and_gradient(
+    actor: Actor,
+    params: dict[str, Tensor],
+    batch: PolicyBatch,
+    old: OldPolicy,
+    fisher: Any | None,
+) -> tuple[Tensor, Tensor]:
+    """``(L(θ_old), g)``. With the Fisher's linearisation: g = Jᵀ ∇_z L, z = π_θ's
+    distribution parameters (∇_z L is elementwise and cheap, Jᵀ the cached reverse pass);
+    else by a forward and backward through the actor."""
+    if fisher is not None:
+        grad_z, value = torch.func.grad_and_value(lambda z: surrogate(z, batch, old))(old.dist)
+        return value, fisher.vjp(grad_z)
+    return flat_grad(
+        lambda p: surrogate(actor.functional_dist_params(p, batch.obs), batch, old), params
+    )
+
+
+def _global_means(
+    reducer: Reducer, weight: float, g: Tensor, surrogate_old: Tensor, old: OldPolicy
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(g, L(θ_old), mean entropy)`` averaged over every process's batch: one reduction."""
+    packed = torch.cat([g, surrogate_old.reshape(1), old.entropy.reshape(1).to(g)])
+    packed = reducer.mean(packed, weight)
+    return packed[:-2], packed[-2], packed[-1]
+
+
+def line_search_batched(device: torch.device) -> bool:
+    """Whether :func:`policy_step` evaluates its line-search candidates in one batched pass.
+
+    On a GPU (``cuda``): one vmapped forward for all candidates and an on-device choice, no
+    host sync per candidate. On a CPU the sequential search is cheaper, since the first
+    candidate is usually accepted and later ones are then never evaluated.
+    """
+    return torch.device(device).type == "cuda"
+
+
+def _line_search(
+    actor: Actor,
+    space: ParamSpace,
+    theta_old: Tensor,
+    batch: PolicyBatch,
+    old: OldPolicy,
+    step: NaturalStep,
+    surrogate_old: Tensor,
+    settings: PolicyStepSettings,
+    reducer: Reducer,
+    weight: float,
+) -> LineSearchResult:
+    """(5) The backtracking search from θ_old along Δθ on L(θ) and D̄_KL(θ).
+
+    Both come from one forward per candidate: the search asks for L(θ) then D̄_KL(θ) at the
+    same θ, so the pair is computed (and reduced over processes, one all-reduce) on the first
+    call and reused by the second. On a GPU all candidates go in one vmapped pass.
+    """
     batched = line_search_batched(batch.obs.device)
-    cache: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
+    cache: dict[str, Any] = {}
 
     def evaluate(theta: Tensor) -> tuple[Tensor, Tensor]:
         dist = actor.functional_dist_params(space.unravel(theta), batch.obs)
-        surr = _surrogate_of_dist(family, dist, batch, log_prob_old)
-        return surr, kl_divergence(family, dist_old, dist).mean()
+        return surrogate(dist, batch, old), mean_kl(dist, old)
 
-    def objective_and_constraint(theta: Tensor) -> tuple[Tensor, Tensor]:
+    def pair(theta: Tensor) -> Tensor:
         if cache.get("theta") is not theta:
-            pair = torch.func.vmap(evaluate)(theta) if batched else evaluate(theta)
-            if distributed:  # the global L and KL (one all-reduce): all ranks accept alike
-                pair = nd.all_reduce_mean(torch.stack(pair), weight=weight).unbind(0)
-            cache["theta"], cache["pair"] = theta, pair
+            value = torch.func.vmap(evaluate)(theta) if batched else evaluate(theta)
+            cache["theta"], cache["pair"] = theta, reducer.mean(torch.stack(value), weight)
         return cache["pair"]
 
-    def objective(theta: Tensor) -> Tensor:
-        return objective_and_constraint(theta)[0]
-
-    def constraint(theta: Tensor) -> Tensor:
-        return objective_and_constraint(theta)[1]
-
     with torch.no_grad():
-        result = line_search(
-            objective,
-            constraint,
+        return line_search(
+            lambda theta: pair(theta)[0],
+            lambda theta: pair(theta)[1],
             theta_old,
             step.step,
-            max_constraint=max_kl,
+            delta=settings.max_kl,
             expected_improvement=step.expected_improvement,
-            shrink=line_search_shrink,
-            max_tries=line_search_max_tries,
-            accept_ratio=line_search_accept_ratio,
+            shrink=settings.line_search_shrink,
+            max_tries=settings.line_search_max_tries,
+            accept_ratio=settings.line_search_accept_ratio,
             objective_old=surrogate_old,
             batched=batched,
         )
-        cache.clear()
 
-    # Every number of the result in one tensor: one device-to-host transfer (one sync).
-    cg = step.cg
+
+def _stats(
+    result: LineSearchResult,
+    surrogate_old: Tensor,
+    step: NaturalStep,
+    g: Tensor,
+    theta_old: Tensor,
+    policy_entropy: Tensor,
+) -> Tensor:
+    """Every number of the result in one float64 tensor: one device-to-host transfer."""
     stats = [
         result.accepted,
         torch.isfinite(surrogate_old),
@@ -379,14 +470,13 @@ def policy_step_tensors(
         step.expected_improvement,
         result.step_fraction,
         result.tries,
-        cg.iterations,
-        cg.residual_norm,
+        step.cg.iterations,
+        step.cg.residual_norm,
         torch.linalg.vector_norm(g),
         torch.linalg.vector_norm(result.theta - theta_old),
         policy_entropy,
     ]
-    stats = torch.stack([x.detach().reshape(()).to(torch.float64) for x in stats])
-    return PolicyStepTensors(theta=result.theta, stats=stats, step=step, space=space)
+    return torch.stack([x.detach().reshape(()).to(torch.float64) for x in stats])
 
 
 def _step_result(out: PolicyStepTensors) -> PolicyStepResult:
@@ -425,153 +515,44 @@ def _step_result(out: PolicyStepTensors) -> PolicyStepResult:
     )
 
 
-def line_search_batched(device: torch.device) -> bool:
-    """Whether :func:`policy_step` evaluates its line-search candidates in one batched pass.
+# ------------------------------------------------------------------------ CUDA graph
+def _batch_tensors(batch: PolicyBatch) -> tuple[Tensor, Tensor, Tensor]:
+    return batch.obs, batch.actions, batch.advantages
 
-    On a GPU (``cuda``): one vmapped forward for all candidates and an on-device choice, no
-    host sync per candidate. On a CPU the sequential search is cheaper, since the first
-    candidate is usually accepted and later ones are then never evaluated.
+
+def graphed_policy_step(
+    actor: Actor, batch: PolicyBatch, settings: PolicyStepSettings
+) -> PolicyStepTensors | None:
+    """:func:`policy_step_tensors` of ``batch`` by replaying a recording
+    (:mod:`natgrad.cuda_graph`), made at the first call for these shapes and settings.
+
+    The batch is copied into the recording's static batch; the actor's parameters are read
+    in place, so the recording stays valid as long as the actor keeps its parameter tensors.
+    Returns ``None`` (the caller runs the step eagerly) off CUDA, when the settings need
+    host syncs (``cg_rtol > 0``, ``fvp_fraction < 1``) or when recording failed.
     """
-    return torch.device(device).type == "cuda"
+    device = batch.obs.device
+    if not cuda_graph.recordable(device) or settings.cg_rtol != 0.0 or settings.fvp_fraction < 1:
+        return None
+    key = (
+        "policy",
+        settings,
+        cuda_graph.parameter_signature(actor),
+        *((tuple(t.shape), t.dtype, str(t.device)) for t in _batch_tensors(batch)),
+    )
 
-
-def fit_critic(
-    critic: Critic,
-    optimizer: torch.optim.Optimizer,
-    obs: Tensor,
-    returns: Tensor,
-    *,
-    epochs: int,
-    minibatch_size: int,
-    generator: torch.Generator | None = None,
-    distributed: bool = False,
-    cuda_graph: bool = False,
-) -> CriticFitResult:
-    """Regress V_φ(s_t) on the GAE returns R_t: ``epochs`` passes of Adam over shuffled minibatches.
-
-    Loss per minibatch: mean_t (V_φ(s_t) − R_t)².
-
-    Args:
-        critic: The value network, trained in place.
-        optimizer: Its optimiser (state kept across updates).
-        obs: ``(B, *obs_shape)`` observations.
-        returns: ``(B,)`` targets.
-        epochs: Passes over the batch.
-        minibatch_size: Samples per Adam step (clipped to B).
-        generator: RNG of the shuffling.
-        distributed: Data parallel: ``obs``, ``returns`` are this rank's shard. Each epoch
-            has ``K = ceil(N / minibatch_size)`` Adam steps (``N`` the global batch); step
-            ``k`` uses the ``k``-th of ``K`` near-equal pieces (``torch.tensor_split``) of
-            every rank's shuffled shard, and its gradient is that of the mean loss over the
-            union of those pieces (gradients all-reduced with the global piece sizes), so
-            every rank takes the same Adam steps. With ``minibatch_size ≥ N`` this is the
-            single-process full-batch fit exactly.
-        cuda_graph: On CUDA, with the plain Critic and Adam (``trpo.fast_critic``), run all
-            the Adam steps of the fit as one recorded CUDA graph (``trpo.cuda_graphs``),
-            replayed for later fits of the same shapes.
-    """
-    if distributed:
-        return _fit_critic_data_parallel(
-            critic, optimizer, obs, returns, epochs, minibatch_size, generator
+    def make() -> tuple[PolicyBatch, cuda_graph.Recording]:
+        static = PolicyBatch(*(t.clone() for t in _batch_tensors(batch)))
+        return static, cuda_graph.record(
+            lambda: policy_step_tensors(actor, static, settings), device
         )
-    # The same algorithm without per-minibatch autograd/optimiser overhead (flat buffers,
-    # written-out MLP backward, fused Adam), for the plain Critic + Adam it reproduces.
-    fast = fit_mlp_critic(
-        critic,
-        optimizer,
-        obs,
-        returns,
-        epochs=epochs,
-        minibatch_size=minibatch_size,
-        generator=generator,
-        cuda_graph=cuda_graph,
-    )
-    if fast is not None:
-        return CriticFitResult(value_loss=float(fast.value_loss), steps=fast.steps)
-    n = obs.shape[0]
-    mb = max(1, min(minibatch_size, n))
-    steps = 0
-    epoch_loss = math.nan
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator, device="cpu").to(obs.device)
-        total = torch.zeros((), dtype=obs.dtype, device=obs.device)
-        for start in range(0, n, mb):
-            idx = perm[start : start + mb]
-            loss = (critic(obs[idx]) - returns[idx]).pow(2).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total = total + loss.detach() * idx.numel()
-            steps += 1
-        epoch_loss = float(total) / n
-    return CriticFitResult(value_loss=epoch_loss, steps=steps)
 
-
-def _fit_critic_data_parallel(
-    critic: Critic,
-    optimizer: torch.optim.Optimizer,
-    obs: Tensor,
-    returns: Tensor,
-    epochs: int,
-    minibatch_size: int,
-    generator: torch.Generator | None,
-) -> CriticFitResult:
-    """``fit_critic(distributed=True)``: minibatch k = the union of every rank's k-th piece."""
-    n = obs.shape[0]
-    counts = nd.all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64))
-    n_global = int(counts[0])
-    n_steps = -(-n_global // max(1, min(minibatch_size, n_global)))  # K, the same everywhere
-    # Piece sizes depend only on n and K, so the global size of every minibatch is known
-    # after one all-reduce; loss_k = Σ_local (V − R)² / N_k, gradients summed over ranks.
-    sizes = torch.tensor(
-        [float(len(p)) for p in torch.tensor_split(torch.arange(n), n_steps)], dtype=torch.float64
-    )
-    global_sizes = nd.all_reduce_sum(sizes).tolist()
-    params = list(critic.parameters())
-    # The fused flat-buffer critic of trpo.fast_critic when it applies (on every rank: the
-    # verdict is all-reduced), the autograd loop otherwise; the same steps either way.
-    flat = _FlatMLP(critic, optimizer) if supports_fast_fit(critic, optimizer, obs) else None
-    x_all = obs.reshape(n, -1)
-    if flat is not None:
-        with torch.no_grad():
-            ours = flat.forward(x_all[: min(n, 64)])[0].reshape(-1)
-            same = torch.allclose(ours, critic(obs[: min(n, 64)]), rtol=1e-4, atol=1e-5)
-    ok = nd.all_reduce_sum(torch.tensor([float(flat is not None and same)], dtype=torch.float64))
-    if int(ok[0]) != nd.get_world_size():
-        flat = None
-    total = torch.zeros((), dtype=obs.dtype, device=obs.device)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator, device="cpu").to(obs.device)
-        total = torch.zeros((), dtype=obs.dtype, device=obs.device)
-        for idx, n_k in zip(torch.tensor_split(perm, n_steps), global_sizes):
-            if n_k == 0:  # empty on every rank (possible only if minibatch_size < world size)
-                continue
-            if flat is not None:
-                with torch.no_grad():
-                    v, inputs = flat.forward(x_all[idx])
-                    diff = v.reshape(-1) - returns[idx]
-                    # ∂/∂V of Σ_local (V − R)² / N_k, then Σ_r: the gradient of the union's mean.
-                    flat.backward((diff * (2.0 / n_k)).unsqueeze(1), inputs)
-                    flat.grad.copy_(nd.all_reduce_sum(flat.grad))
-                    flat.adam_step()
-                    total = total + torch.dot(diff, diff)
-                continue
-            sq_sum = (critic(obs[idx]) - returns[idx]).pow(2).sum()
-            optimizer.zero_grad(set_to_none=True)
-            (sq_sum / n_k).backward()
-            nd.average_gradients(params, weight=1.0)  # Σ_r: the gradient of the union's mean
-            optimizer.step()
-            total = total + sq_sum.detach()
-    if flat is not None:
-        flat.write_back()
-    # The last epoch's mean squared error over the global batch.
-    epoch_loss = float(nd.all_reduce_sum(total.reshape(1))[0]) / n_global
-    return CriticFitResult(value_loss=epoch_loss, steps=epochs * sum(k > 0 for k in global_sizes))
-
-
-def explained_variance(values: Tensor, returns: Tensor) -> float:
-    """1 − Var(R − V) / Var(R): 1 = perfect critic, 0 = no better than a constant, NaN if Var(R)=0."""
-    var_returns = torch.var(returns)
-    if float(var_returns) == 0.0:
-        return math.nan
-    return float(1.0 - torch.var(returns - values) / var_returns)
+    entry = cuda_graph.CACHE.get(actor, key, make)
+    if entry is None:
+        return None
+    static, rec = entry
+    for dst, src in zip(_batch_tensors(static), _batch_tensors(batch)):
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src)
+    rec.replay()
+    return rec.outputs

@@ -1,0 +1,52 @@
+"""Tests of trpo.presets: the per-env presets and config_for's layering."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from trpo.config import TRPOConfig
+from trpo.presets import PRESETS, config_for
+
+FIELDS = [f.name for f in dataclasses.fields(TRPOConfig)]
+MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
+
+
+def test_presets_cover_the_issue_envs_and_only_name_fields():
+    assert set(PRESETS) >= {"CartPole-v1", "Pendulum-v1", *MUJOCO}
+    for env_id, preset in PRESETS.items():
+        assert set(preset) <= set(FIELDS), env_id
+        cfg = config_for(env_id)
+        for k, v in preset.items():
+            assert getattr(cfg, k) == v
+
+
+@pytest.mark.parametrize("env_id", MUJOCO)
+def test_mujoco_presets_match_the_issue(env_id):
+    cfg = config_for(env_id)
+    assert (cfg.n_envs, cfg.n_steps, cfg.cg_iters, cfg.cg_damping) == (2, 1024, 25, 0.1)
+    assert (cfg.critic_epochs, cfg.critic_lr, cfg.gae_lambda) == (20, 1e-3, 0.95)
+    assert cfg.normalize_obs and cfg.total_steps == 1_000_000
+    assert cfg.max_kl == (0.04 if env_id == "HalfCheetah-v5" else 0.01)
+
+
+def test_presets_are_read_only():
+    with pytest.raises(TypeError):
+        PRESETS["CartPole-v1"]["max_kl"] = 1.0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        PRESETS["Foo-v0"] = {}  # type: ignore[index]
+
+
+def test_config_for_layers_defaults_preset_overrides():
+    cfg = config_for("Hopper-v5", cg_iters=7, seed=3)
+    assert cfg.env_id == "Hopper-v5"
+    assert cfg.cg_iters == 7 and cfg.seed == 3  # override beats preset and default
+    assert cfg.n_steps == 1024  # preset beats default
+    assert cfg.line_search_shrink == TRPOConfig().line_search_shrink  # default kept
+    other = config_for("MountainCar-v0")  # no preset: the dataclass defaults
+    assert dataclasses.replace(other, env_id="CartPole-v1") == TRPOConfig()
+    with pytest.raises(ValueError, match="unknown TRPOConfig field.*max_kll"):
+        config_for("Hopper-v5", max_kll=0.1)
+    with pytest.raises(ValueError, match="^max_kl must"):
+        config_for("Hopper-v5", max_kl=-1.0)

@@ -1,0 +1,227 @@
+"""Deterministic evaluation of a trained policy (the library part; the command line is
+:mod:`trpo.evaluate`, which ``import trpo`` never imports, so that ``python -m
+trpo.evaluate`` runs without runpy's "found in sys.modules" warning and
+:mod:`trpo.train` can import :func:`evaluate_policy` at module level).
+
+Safety (issue 13):
+
+* every episode is capped at ``max_episode_steps`` (the env's own limit, else
+  :data:`DEFAULT_MAX_EPISODE_STEPS`), with a warning when the cap ends one, so an env whose
+  episodes never end cannot hang an evaluation;
+* :func:`load_policy` refuses a ``"module:Env-v0"`` id read from a run directory's
+  ``config.json`` unless ``allow_import=True`` (importing it would run that module's code);
+* checkpoints of another env or network size are passed over like corrupted ones (with a
+  warning naming each file skipped), and the GIF is written atomically, never through a link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from trpo.checkpoint import check_state_shapes, load_latest_checkpoint
+from trpo.config import CONFIG_FILENAME, load_config
+from trpo.envs import env_module, make_env
+from trpo.fileio import atomic_writer, read_regular_file
+from trpo.normalize import RunningMeanStd
+from trpo.policy import Actor, make_actor, mode
+from trpo.rollout import env_action_converter
+
+__all__ = ["DEFAULT_MAX_EPISODE_STEPS", "evaluate_policy", "load_policy"]
+
+DEFAULT_MAX_EPISODE_STEPS = 10_000
+"""Episode cap of :func:`evaluate_policy` for envs without their own ``max_episode_steps``."""
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _episode_cap(env: object, max_episode_steps: int | None) -> int:
+    if max_episode_steps is not None:
+        if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, int) or (
+            max_episode_steps < 1
+        ):
+            raise ValueError(f"max_episode_steps must be an int >= 1 (got {max_episode_steps!r})")
+        return max_episode_steps
+    spec = getattr(env, "spec", None)
+    limit = getattr(spec, "max_episode_steps", None)
+    return int(limit) if limit else DEFAULT_MAX_EPISODE_STEPS
+
+
+def _check_finite(env_id: str, episode: int, step: int, obs: object, reward: object) -> None:
+    # A NaN observation would be played as a NaN action and a NaN reward summed into the
+    # return: name the env and the place instead of printing a NaN mean.
+    if not (np.isfinite(np.asarray(obs, dtype=np.float64)).all() and np.isfinite(reward)):
+        raise ValueError(
+            f"env {env_id!r} returned a non-finite observation or reward at step {step} of "
+            f"evaluation episode {episode}"
+        )
+
+
+def _write_gif(frames: list[np.ndarray], path: Path, fps: float) -> None:
+    from PIL import Image  # matplotlib's dependency; imported only when a video is asked for
+
+    images = [Image.fromarray(f) for f in frames]
+    with atomic_writer(path) as f:  # a link at `path` is replaced, never written through
+        images[0].save(
+            f, format="GIF", save_all=True, append_images=images[1:],
+            duration=int(1000 / fps), loop=0,
+        )
+
+
+def evaluate_policy(
+    actor: Actor,
+    env_id: str,
+    *,
+    episodes: int = 10,
+    obs_normalizer: RunningMeanStd | None = None,
+    seed: int = 0,
+    video_path: str | Path | None = None,
+    max_video_frames: int = 1000,
+    max_episode_steps: int | None = None,
+) -> list[float]:
+    """Undiscounted returns of ``episodes`` episodes of the deterministic policy.
+
+    Args:
+        actor: The policy; its mode (argmax, mean, per-head argmax, ``logits > 0``) is played.
+        env_id: Gymnasium id (``"module:Env-v0"`` imports ``module``: the caller named it).
+            Dict/Tuple observations are flattened as in training (:func:`trpo.envs.make_env`).
+        episodes: Number of episodes (≥ 1), episode ``i`` reset with seed ``seed + i``.
+        obs_normalizer: Statistics the actor was trained with; used frozen (never updated).
+        seed: Base seed.
+        video_path: If given, the first episode is rendered (``render_mode="rgb_array"``) into
+            this GIF file (needs Pillow, which matplotlib brings), written atomically. When
+            the env's renderer is not installed (e.g. pygame for classic control) a warning is
+            issued, no file is written, and the returns are still computed.
+        max_video_frames: Frames kept for the GIF.
+        max_episode_steps: Cap on an episode's steps; None = the env's ``max_episode_steps``,
+            else :data:`DEFAULT_MAX_EPISODE_STEPS`. An episode ended by the cap counts with
+            the return of its first ``max_episode_steps`` steps, and a warning says so.
+
+    Returns:
+        One return per episode.
+
+    Raises:
+        ValueError: if ``episodes`` or ``max_episode_steps`` is not a positive int, ``seed``
+            is negative, the env id cannot be resolved, or the env returns a non-finite
+            observation or reward (naming the episode and step).
+    """
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an int >= 1 (got {episodes!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0 (got {seed!r})")
+    # No flattening notice: training (or load_policy) printed it already.
+    env = make_env(
+        env_id, render_mode="rgb_array" if video_path is not None else None, notice=False
+    )
+    cap = _episode_cap(env, max_episode_steps)
+    to_env = env_action_converter(env.action_space)
+    param = next(actor.parameters())
+    frames: list[np.ndarray] = []
+    returns: list[float] = []
+    recording = video_path is not None
+    capped = 0
+
+    def grab() -> None:
+        nonlocal recording
+        if len(frames) >= max_video_frames:
+            return
+        try:
+            frame = env.render()
+        except gym.error.DependencyNotInstalled as e:
+            # A missing renderer (pygame, OpenGL) costs the video, not the evaluation.
+            warnings.warn(f"no video written: {e}", stacklevel=3)
+            recording = False
+            return
+        if frame is not None:
+            frames.append(np.asarray(frame))
+
+    try:
+        for i in range(episodes):
+            obs, _ = env.reset(seed=seed + i)
+            _check_finite(env_id, i, 0, obs, 0.0)
+            if recording and i == 0:
+                grab()
+            done, total, steps = False, 0.0, 0
+            while not done:
+                x = torch.as_tensor(np.asarray(obs), dtype=param.dtype, device=param.device)
+                if obs_normalizer is not None:
+                    x = obs_normalizer.normalize(x)
+                with torch.inference_mode():
+                    action = mode(actor.family, actor(x.unsqueeze(0)))[0]
+                obs, reward, terminated, truncated, _ = env.step(to_env(action.cpu().numpy()))
+                steps += 1
+                _check_finite(env_id, i, steps, obs, reward)
+                total += float(reward)
+                done = bool(terminated or truncated)
+                if not done and steps >= cap:
+                    done, capped = True, capped + 1
+                if recording and i == 0:
+                    grab()
+            returns.append(total)
+    finally:
+        env.close()
+    if capped:
+        warnings.warn(
+            f"{capped} of {episodes} evaluation episode(s) of {env_id} did not end within "
+            f"{cap} steps and were cut there (pass max_episode_steps to change the cap)",
+            stacklevel=2,
+        )
+    if video_path is not None and frames:
+        _write_gif(frames, Path(video_path), env.metadata.get("render_fps", 30) or 30)
+    return returns
+
+
+def load_policy(
+    run_dir: str | Path, *, allow_import: bool = False
+) -> tuple[Actor, RunningMeanStd | None, str]:
+    """The actor, frozen observation statistics and env id of a run's newest valid checkpoint
+    that fits the run's env and network (others are skipped with a warning on stderr).
+
+    Args:
+        run_dir: a run directory written by ``python -m trpo.run``.
+        allow_import: resolve a ``"module:Env-v0"`` id of the run's ``config.json`` by
+            importing ``module``. Off by default: a run directory may come from someone else,
+            and importing a module runs its code.
+
+    Raises:
+        RunDirError: ``config.json`` is a link, a FIFO or another non-regular file.
+        ValueError: the run's config is missing or invalid, or its env id names a module
+            and ``allow_import`` is False, or the env cannot be created.
+        CheckpointError: no checkpoint is valid and fits (the message lists each and why).
+    """
+    # config.json must be a regular file: never block on a FIFO or follow a link there.
+    with contextlib.suppress(FileNotFoundError):  # load_config names a missing one
+        read_regular_file(Path(run_dir) / CONFIG_FILENAME, max_bytes=_MAX_CONFIG_BYTES)
+    config = load_config(run_dir)
+    module = env_module(config.env_id)
+    if module is not None and not allow_import:
+        raise ValueError(
+            f"{Path(run_dir) / 'config.json'} names env {config.env_id!r}, which would import "
+            f"the Python module {module!r} and run its code; if you trust this run directory, "
+            "pass --allow-import (allow_import=True)"
+        )
+    env = make_env(config.env_id)
+    try:
+        actor = make_actor(env.observation_space, env.action_space, config.hidden_sizes)
+        obs_shape = tuple(env.observation_space.shape)
+    finally:
+        env.close()
+    actor = actor.to(dtype=config.torch_dtype())
+    loaded = load_latest_checkpoint(
+        run_dir, validate=lambda state: check_state_shapes(state, actor=actor)
+    )
+    for path, reason in loaded.skipped:
+        print(f"warning: skipped checkpoint {path}: {reason}", file=sys.stderr)
+    state = loaded.state
+    actor.load_state_dict(state["actor"])
+    obs_rms = None
+    if "obs_rms" in state:
+        obs_rms = RunningMeanStd(obs_shape, clip=config.obs_clip)
+        obs_rms.load_state_dict(state["obs_rms"])
+        obs_rms.frozen = True
+    return actor, obs_rms, config.env_id
