@@ -142,21 +142,25 @@ def test_normalize_advantages_in_one_process_is_the_plain_formula_bit_for_bit():
 
 
 class _TwoRanks:
-    """Rank 0's view of a two-rank reduction whose rank 1 holds ``other``: every call of
-    ``mean(x, n)`` returns ``(n x + n_1 x_1) / (n + n_1)``, with ``x_1`` what rank 1 passes
-    in the same call of ``normalize_advantages`` (its mean, then its spread about μ)."""
+    """Rank 0's view of a two-rank ``natgrad.distributed.Reducer`` whose rank 1 holds
+    ``other``: ``weight(n) = n / (n + n_1)`` and every call of ``mean(x, w)`` returns
+    ``w x + (1 − w) x_1``, with ``x_1`` what rank 1 passes in the same call of
+    ``normalize_advantages`` (its mean, then its spread about μ)."""
 
     def __init__(self, other: torch.Tensor) -> None:
         self.other, self.calls, self.global_mean = other, 0, None
 
-    def mean(self, x: torch.Tensor, n_local: int) -> torch.Tensor:
+    def weight(self, n_local: int) -> float:
+        return n_local / (n_local + self.other.numel())
+
+    def mean(self, x: torch.Tensor, weight: float) -> torch.Tensor:
         o = self.other.double()
         if self.calls == 0:
             x1 = o.mean()
         else:
             x1 = o.var(correction=0) + (o.mean() - self.global_mean) ** 2
         self.calls += 1
-        out = (n_local * x + o.numel() * x1) / (n_local + o.numel())
+        out = weight * x + (1.0 - weight) * x1
         if self.calls == 1:
             self.global_mean = out
         return out
