@@ -6,6 +6,8 @@
 * :mod:`natgrad.cg`: :func:`cg_solve` -> :class:`CGResult`.
 * :mod:`natgrad.trust_region`: :func:`natural_step`, :func:`line_search`.
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
+* :mod:`natgrad.steihaug`: :func:`steihaug_solve` (trust-region subproblem) -> :class:`SteihaugResult`.
+* :mod:`natgrad.minimize`: :func:`minimize` (trust-ncg, newton-cg) -> :class:`OptimizeResult`.
 
 natgrad knows nothing of reinforcement learning: any model and any loss can use it.
 """
@@ -21,7 +23,9 @@ from natgrad.curvature import (
     kl_hessian_operator,
 )
 from natgrad.linop import LinearOperator
+from natgrad.minimize import OptimizeError, OptimizeResult, OptimizeStatus, minimize
 from natgrad.params import ParamSpace, flat_grad
+from natgrad.steihaug import SteihaugError, SteihaugResult, SteihaugStatus, steihaug_solve
 from natgrad.trust_region import (
     LineSearchResult,
     NaturalStep,
@@ -53,4 +57,13 @@ __all__ = [
     "kl_hessian_operator",
     "line_search",
     "natural_step",
+    # natgrad-optim: second-order optimisation
+    "OptimizeError",
+    "OptimizeResult",
+    "OptimizeStatus",
+    "SteihaugError",
+    "SteihaugResult",
+    "SteihaugStatus",
+    "minimize",
+    "steihaug_solve",
 ]
