@@ -285,9 +285,24 @@ def _stop_requested(callback: Callable[[X], Any] | None, prob: _Problem, x: Tens
         return True
 
 
+def _reduction_ratio(f: float, f_try: float, predicted: float, eps: float) -> float:
+    """``ρ = (f − f_try) / predicted``, guarded against rounding.
+
+    Near the optimum both reductions fall below the rounding of ``f`` and their ratio is
+    noise; adding ``δ = 10·eps·max(1, |f|)`` (``eps`` of the dtype) to both (Conn, Gould & Toint, *Trust-Region
+    Methods*, §17.4.2) makes ``ρ → 1`` there, so a step the model predicts well to
+    within rounding is accepted. A non-finite ``f_try`` gives ``ρ = −∞`` (reject).
+    """
+    if not math.isfinite(f_try):
+        return -math.inf
+    delta = 10 * eps * max(1.0, abs(f))
+    return (f - f_try + delta) / (predicted + delta)
+
+
 def _trust_ncg(prob, f, g, radius, radius_max, eta, *, gtol, maxiter, M, callback, cg_maxiter):
     """Nocedal & Wright Alg. 4.1 with Steihaug's subproblem solver (module docstring)."""
     x = prob.x0
+    eps = torch.finfo(x.dtype).eps
     gnorm = float(torch.linalg.vector_norm(g))
     if gnorm <= gtol:
         return x, f, g, 0, OptimizeStatus.SUCCESS
@@ -302,11 +317,17 @@ def _trust_ncg(prob, f, g, radius, radius_max, eta, *, gtol, maxiter, M, callbac
             return x, f, g, k, OptimizeStatus.NO_PROGRESS
         x_try = x + sub.p
         f_try, g_try = prob.value_grad(x_try)
-        actual = float(f - f_try)
-        rho = actual / predicted if math.isfinite(actual) else -math.inf
+        rho = _reduction_ratio(float(f), float(f_try), predicted, eps)
+        on_boundary = bool(sub.on_boundary)
         if rho < 0.25:
             radius *= 0.25
-        elif rho > 0.75 and bool(sub.on_boundary):
+            if not on_boundary:
+                # An interior step is the same for every radius above ‖p‖_M: shrink past
+                # it at once rather than re-solving to the same rejected step.
+                p_norm = float(sub.p_norm)
+                while radius >= p_norm and radius > 0:
+                    radius *= 0.25
+        elif rho > 0.75 and on_boundary:
             radius = min(2.0 * radius, radius_max)
         if rho > eta:
             x, f, g = x_try, f_try, g_try

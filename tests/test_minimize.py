@@ -10,7 +10,7 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
-import natgrad.minimize
+import importlib
 from natgrad.minimize import OptimizeError, OptimizeStatus, minimize
 
 F64 = torch.float64
@@ -240,4 +240,4 @@ def test_bad_input_raises_clear_errors() -> None:
 
 
 def test_doctests() -> None:
-    assert doctest.testmod(natgrad.minimize, raise_on_error=False).failed == 0
+    assert doctest.testmod(importlib.import_module("natgrad.minimize"), raise_on_error=False).failed == 0
