@@ -49,7 +49,7 @@ from natgrad.cg import cg_solve
 from natgrad.curvature import kl_hessian_operator
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.status import ResultStatus, SolverError, Status
-from natgrad.steihaug import steihaug_solve
+from natgrad.steihaug import SteihaugResult, steihaug_solve
 
 __all__ = ["METHODS", "OptimizeError", "OptimizeResult", "OptimizeStatus", "minimize"]
 
@@ -285,7 +285,26 @@ def _stop_requested(callback: Callable[[X], Any] | None, prob: _Problem, x: Tens
         return True
 
 
-def _reduction_ratio(f: float, f_try: float, predicted: float, eps: float) -> float:
+def update_radius(radius: float, rho: float, sub: SteihaugResult, radius_max: float) -> float:
+    """Nocedal & Wright Alg. 4.1: ``Δ/4`` if ``ρ < 1/4``, ``min(2Δ, Δ_max)`` if ``ρ > 3/4`` on
+    the boundary, else ``Δ``.
+
+    A rejected interior step is the same for every radius above ``‖p‖_M``, so the radius is
+    quartered until below it at once instead of re-solving to the same step.
+    """
+    on_boundary = bool(sub.on_boundary)
+    if rho < 0.25:
+        radius *= 0.25
+        if not on_boundary:
+            p_norm = float(sub.p_norm)
+            while radius >= p_norm and radius > 0:
+                radius *= 0.25
+    elif rho > 0.75 and on_boundary:
+        radius = min(2.0 * radius, radius_max)
+    return radius
+
+
+def reduction_ratio(f: float, f_try: float, predicted: float, eps: float) -> float:
     """``ρ = (f − f_try) / predicted``, guarded against rounding.
 
     Near the optimum both reductions fall below the rounding of ``f`` and their ratio is
@@ -317,18 +336,8 @@ def _trust_ncg(prob, f, g, radius, radius_max, eta, *, gtol, maxiter, M, callbac
             return x, f, g, k, OptimizeStatus.NO_PROGRESS
         x_try = x + sub.p
         f_try, g_try = prob.value_grad(x_try)
-        rho = _reduction_ratio(float(f), float(f_try), predicted, eps)
-        on_boundary = bool(sub.on_boundary)
-        if rho < 0.25:
-            radius *= 0.25
-            if not on_boundary:
-                # An interior step is the same for every radius above ‖p‖_M: shrink past
-                # it at once rather than re-solving to the same rejected step.
-                p_norm = float(sub.p_norm)
-                while radius >= p_norm and radius > 0:
-                    radius *= 0.25
-        elif rho > 0.75 and on_boundary:
-            radius = min(2.0 * radius, radius_max)
+        rho = reduction_ratio(float(f), float(f_try), predicted, eps)
+        radius = update_radius(radius, rho, sub, radius_max)
         if rho > eta:
             x, f, g = x_try, f_try, g_try
             gnorm = float(torch.linalg.vector_norm(g))
