@@ -8,11 +8,13 @@
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
 * :mod:`natgrad.steihaug`: :func:`steihaug_solve` (trust-region subproblem) -> :class:`SteihaugResult`.
 * :mod:`natgrad.minimize`: :func:`minimize` (trust-ncg, newton-cg) -> :class:`OptimizeResult`.
+* :mod:`natgrad.optim`: ``torch.optim`` optimizers HessianFree, NaturalGradient, TrustRegionNewton.
+* :mod:`natgrad.spectral`: Lanczos eigenpairs, SLQ spectral density, Hutchinson/Hutch++ trace.
 
 natgrad knows nothing of reinforcement learning: any model and any loss can use it.
 """
 
-from natgrad import distributed
+from natgrad import distributed, optim, spectral
 from natgrad.cg import CGError, CGIterate, CGResult, CGStatus, cg_solve
 from natgrad.curvature import (
     FAMILIES,
@@ -65,5 +67,7 @@ __all__ = [
     "SteihaugResult",
     "SteihaugStatus",
     "minimize",
+    "optim",
+    "spectral",
     "steihaug_solve",
 ]
