@@ -16,6 +16,10 @@ same parameters and states:
 * ``scipy_cg10``: ``scipy.sparse.linalg.cg`` on ``fisher.to_scipy()``, 10 iterations (CPU);
 * ``ggn_natgrad`` / ``ggn_curvlinops``: one GGN product of the mean network under the mean
   squared error, natgrad's ``ggn_operator`` and curvlinops' ``GGNLinearOperator``.
+* ``test_cg_overhead_{natgrad,scipy}[n]`` (CPU, n = 50, 1000, 10000; not per policy case):
+  200 tolerance-mode CG iterations on a diagonal operator, natgrad's ``cg_solve`` and
+  ``scipy.sparse.linalg.cg`` in the same run (``cg_overhead.py`` prints the ratio per
+  iteration; issue 10's goal is ≤ 3).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pytest
 import scipy.sparse.linalg as spla
 import torch
 from bench_problems import make_policy_problem
+from cg_overhead import SIZES, diagonal_problem
 
 from natgrad.cg import cg_solve
 from natgrad.curvature import (
@@ -172,3 +177,17 @@ def test_ggn_curvlinops(bench, problem):
     out = bench("ggn_curvlinops", lambda: theirs @ v)
     ref = ours @ v  # the same matrix (mean squared error: H_out = 2 / (B·d) I)
     assert torch.allclose(out, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_cg_overhead_natgrad(benchmark, n):
+    prob = diagonal_problem(n)
+    res = benchmark(prob.natgrad_solve)
+    assert res.matvecs == prob.iters  # every round does the same 200 iterations
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_cg_overhead_scipy(benchmark, n):
+    prob = diagonal_problem(n)
+    _, info = benchmark(prob.scipy_solve)
+    assert info == prob.iters

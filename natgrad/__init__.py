@@ -3,8 +3,10 @@
 * :mod:`natgrad.params`: :class:`ParamSpace` (parameter dict <-> flat vector), :func:`flat_grad`.
 * :mod:`natgrad.linop`: :class:`LinearOperator` on flat vectors (damping, dense, scipy).
 * :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators via ``torch.func``.
-* :mod:`natgrad.cg`: :func:`cg_solve` -> :class:`CGResult`.
-* :mod:`natgrad.trust_region`: :func:`natural_step`, :func:`line_search`.
+* :mod:`natgrad.cg`: :class:`CG` (settings as a value), :func:`cg_solve` -> :class:`CGResult`.
+* :mod:`natgrad.status`: the one status mechanism (:class:`Status`, :class:`SolverError`).
+* :mod:`natgrad.trust_region`: :func:`natural_step`.
+* :mod:`natgrad.backtracking`: :func:`line_search`.
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
 * :mod:`natgrad.steihaug`: :func:`steihaug_solve` (trust-region subproblem) -> :class:`SteihaugResult`.
 * :mod:`natgrad.minimize`: :func:`minimize` (trust-ncg, newton-cg) -> :class:`OptimizeResult`.
@@ -15,7 +17,8 @@ natgrad knows nothing of reinforcement learning: any model and any loss can use 
 """
 
 from natgrad import distributed, optim, spectral
-from natgrad.cg import CGError, CGIterate, CGResult, CGStatus, cg_solve
+from natgrad.backtracking import LineSearchResult, LineSearchStatus, line_search
+from natgrad.cg import CG, CGError, CGIterate, CGResult, CGStatus, cg_solve
 from natgrad.curvature import (
     FAMILIES,
     CurvatureOperator,
@@ -27,18 +30,14 @@ from natgrad.curvature import (
 from natgrad.linop import LinearOperator
 from natgrad.minimize import OptimizeError, OptimizeResult, OptimizeStatus, minimize
 from natgrad.params import ParamSpace, flat_grad
+from natgrad.status import ResultStatus, SolverError, Status
 from natgrad.steihaug import SteihaugError, SteihaugResult, SteihaugStatus, steihaug_solve
-from natgrad.trust_region import (
-    LineSearchResult,
-    NaturalStep,
-    StepStatus,
-    line_search,
-    natural_step,
-)
+from natgrad.trust_region import NaturalStep, StepStatus, natural_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CG",
     "FAMILIES",
     "CGError",
     "CGIterate",
@@ -46,9 +45,13 @@ __all__ = [
     "CGStatus",
     "CurvatureOperator",
     "LineSearchResult",
+    "LineSearchStatus",
     "LinearOperator",
     "NaturalStep",
     "ParamSpace",
+    "ResultStatus",
+    "SolverError",
+    "Status",
     "StepStatus",
     "cg_solve",
     "distributed",

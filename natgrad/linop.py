@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from natgrad.matvec import damp
+
 __all__ = ["LinearOperator"]
 
 Matvec = Callable[[Tensor], Tensor]
@@ -168,19 +170,9 @@ class LinearOperator:
         self._check_square("damped")
         if lam == 0.0:
             return self
-        matvec, matmat = self._matvec, self._matmat
-
-        def damped_matvec(v: Tensor) -> Tensor:
-            return torch.add(matvec(v), v, alpha=lam)
-
-        damped_matmat = None
-        if matmat is not None:
-
-            def damped_matmat(V: Tensor) -> Tensor:
-                return torch.add(matmat(V), V, alpha=lam)
-
+        matmat = None if self._matmat is None else damp(self._matmat, lam)
         op = LinearOperator(
-            damped_matvec, self.shape, self.dtype, self.device, matmat=damped_matmat
+            damp(self._matvec, lam), self.shape, self.dtype, self.device, matmat=matmat
         )
         op._vmap_ok = self._vmap_ok
         return op

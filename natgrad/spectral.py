@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from natgrad.cg import _as_matvec
+from natgrad.matvec import as_matvec
 from natgrad.status import ResultStatus, SolverError, Status
 
 __all__ = [
@@ -165,7 +165,7 @@ def _operator(A: Any) -> tuple[Any, int, torch.dtype, torch.device]:
     device = torch.device(getattr(A, "device", "cpu"))
     n = int(shape[0])
     like = torch.empty(n, dtype=dtype, device=device)
-    return _as_matvec(A, like, "A"), n, dtype, device
+    return as_matvec(A, like, "A"), n, dtype, device
 
 
 def _rademacher(n: int, k: int, gen: torch.Generator, dtype, device) -> Tensor:

@@ -56,7 +56,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from natgrad.cg import _allfinite, _as_matvec, _check_nonneg, _colnorm, _dot
+from natgrad.cg import _check_tolerance
+from natgrad.cg_loops import _allfinite, _dot
+from natgrad.matvec import as_matvec
 from natgrad.status import ResultStatus, SolverError, Status
 
 __all__ = ["SteihaugError", "SteihaugResult", "SteihaugStatus", "steihaug_solve"]
@@ -149,6 +151,10 @@ class SteihaugResult(ResultStatus):
 _CODE = {s: SteihaugStatus.code(s) for s in SteihaugStatus}
 
 
+def _colnorm(u: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(u, dim=0)
+
+
 def _radius_tensor(radius: Any, g: Tensor) -> Tensor:
     """``radius`` as a per-column tensor; ValueError unless finite and > 0 (one sync)."""
     per_col = g.shape[1:]
@@ -239,8 +245,8 @@ def steihaug_solve(
     if not isinstance(g, Tensor) or g.ndim not in (1, 2) or not g.dtype.is_floating_point:
         got = f"{tuple(g.shape)} {g.dtype}" if isinstance(g, Tensor) else type(g).__name__
         raise ValueError(f"g must be a real floating tensor of shape (n,) or (n, k), got {got}")
-    rtol = _check_nonneg("rtol", rtol)
-    atol = _check_nonneg("atol", atol)
+    rtol = _check_tolerance("rtol", rtol)
+    atol = _check_tolerance("atol", atol)
     if maxiter is None:
         maxiter = max(10 * g.shape[0], 1)
     if isinstance(maxiter, bool) or int(maxiter) != maxiter or maxiter < 1:
@@ -254,8 +260,8 @@ def steihaug_solve(
         rad = radius.to(dtype=g.dtype, device=g.device).expand(g.shape[1:])
     else:
         rad = _radius_tensor(radius, g)
-    matvec = _as_matvec(A, g, "A")
-    precond = None if M is None else _as_matvec(M, g, "M")
+    matvec = as_matvec(A, g, "A")
+    precond = None if M is None else as_matvec(M, g, "M")
     if g.ndim == 1 and (rtol > 0.0 or atol > 0.0):
         return _host_loop(matvec, precond, g, rad, rtol, atol, maxiter)
     return _tensor_loop(matvec, precond, g, rad, rtol, atol, maxiter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import natgrad.cg
-from natgrad.cg import CGError, CGIterate, CGStatus, cg_solve
+import natgrad.matvec
+from natgrad.cg import CG, CGError, CGIterate, CGStatus, cg_solve
+from natgrad.status import SolverError
 
 F64 = torch.float64
 
@@ -191,7 +194,8 @@ def test_x0_is_not_mutated_and_is_used() -> None:
     assert warm.x is not x0
     torch.testing.assert_close(warm.x, exact, rtol=0, atol=1e-9)
     assert warm.status is CGStatus.CONVERGED
-    assert warm.matvecs == int(warm.iterations) + 1  # +1 for r₀ = b − A x0
+    # +1 for r₀ = b − A x0, +1 for the true-residual check of a solve of ≥ 10 iterations
+    assert warm.matvecs == int(warm.iterations) + 1 + int(warm.residual_checked)
     assert int(cold.iterations) >= int(warm.iterations)
 
 
@@ -230,7 +234,8 @@ def test_matvec_count_is_exact(with_x0: bool, rtol: float) -> None:
     x0 = torch.zeros(64, dtype=F64) + 0.1 if with_x0 else None
     res = cg_solve(count, case.b, x0=x0, rtol=rtol, maxiter=15 if rtol == 0 else None)
     loop = 15 if rtol == 0 else int(res.iterations)
-    assert count.calls == res.matvecs == loop + int(with_x0)
+    assert count.calls == res.matvecs == loop + int(with_x0) + int(res.residual_checked)
+    assert bool(res.residual_checked) == (rtol > 0)  # tolerance mode, ≥ 10 iterations
 
 
 def test_default_maxiter_is_ten_n() -> None:
@@ -283,7 +288,9 @@ def test_indefinite_matrix_gives_non_positive_curvature() -> None:
     assert float(p @ A @ p) <= 0
     torch.testing.assert_close(res.curvature, p @ A @ p)
     torch.testing.assert_close(p, torch.tensor([1.6, 0.8, 3.2, 0.0], dtype=F64))
-    with pytest.raises(CGError, match=r"non-positive curvature pᵀAp = -6\.4.*damping") as info:
+    with pytest.raises(
+        CGError, match=r"breakdown after 1 iteration: pᴴ\(A \+ λI\)p = -6\.4.*add damping"
+    ) as info:
         res.raise_if_failed(allow_max_iterations=True)
     assert info.value.result is res
 
@@ -336,7 +343,7 @@ def test_non_finite_operator_output_gives_status() -> None:
     assert res.status is CGStatus.NON_FINITE
     assert int(res.iterations) == 2  # two good updates, the third matvec was NaN
     two = cg_solve(A, b, rtol=0.0, atol=0.0, maxiter=2)
-    torch.testing.assert_close(res.x, two.x, rtol=0, atol=0)  # the last finite iterate
+    torch.testing.assert_close(res.x, two.x, rtol=0, atol=1e-15)  # the last finite iterate
     with pytest.raises(CGError, match="non-finite.*after 2 iterations.*NaN or inf"):
         res.raise_if_failed()
 
@@ -570,3 +577,212 @@ def test_random_spd_matches_solve(
 def test_module_docstring_examples() -> None:
     result = doctest.testmod(natgrad.cg)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------- issue 10: the underflow fix
+def _rank3_fisher(dtype: torch.dtype, seed: int) -> tuple[Tensor, Tensor]:
+    """A rank-3 Fisher-like PSD F = 1e-4·JᵀJ (n = 200) and a gradient-like b."""
+    g = _gen(seed)
+    J = torch.randn(3, 200, dtype=F64, generator=g)
+    F = 1e-4 * J.T @ J
+    b = torch.randn(200, dtype=F64, generator=g)
+    return F.to(dtype), b.to(dtype)
+
+
+# (dtype, seed, maxiter): the reproductions of issue 10, where the pre-fix solver kept
+# iterating on rounding noise until pᵀ(F + 0.1I)p underflowed to 0 and reported
+# NON_POSITIVE_CURVATURE (and natural_step a zero step).
+UNDERFLOW_CASES = [(torch.float32, 1, 10), (torch.float64, 0, 40)]
+
+
+@pytest.mark.parametrize(("dtype", "seed", "maxiter"), UNDERFLOW_CASES, ids=["f32", "f64"])
+def test_fixed_mode_freezes_a_converged_column_instead_of_underflowing(
+    dtype: torch.dtype, seed: int, maxiter: int
+) -> None:
+    F, b = _rank3_fisher(dtype, seed)
+    res = cg_solve(F, b, damping=0.1, rtol=0.0, atol=0.0, maxiter=maxiter, check_finite=False)
+    assert res.status is CGStatus.CONVERGED
+    # Four distinct eigenvalues: CG is exact after 4 steps, and the column froze there.
+    assert int(res.iterations) <= 5 and res.matvecs == maxiter
+    eps = torch.finfo(dtype).eps
+    assert float(res.residual_norm) <= eps * float(torch.linalg.vector_norm(b))
+    ref = torch.linalg.solve(F.double() + 0.1 * torch.eye(200, dtype=F64), b.double())
+    err = torch.linalg.vector_norm(res.x.double() - ref) / torch.linalg.vector_norm(ref)
+    assert float(err) < 50 * eps
+
+
+def test_underflow_fix_is_per_column_and_never_syncs() -> None:
+    F, b = _rank3_fisher(torch.float32, 1)
+    slow = torch.randn(200, dtype=torch.float32, generator=_gen(2))
+    B = torch.stack([b, slow], 1)
+    d = torch.logspace(0, 3, 200, dtype=torch.float32)  # column 1: far from converged
+
+    def op(V: Tensor) -> Tensor:
+        return torch.cat([F @ V[:, :1], d[:, None] * V[:, 1:]], 1)
+
+    with _NoHostSync():
+        res = cg_solve(op, B, damping=0.1, rtol=0.0, atol=0.0, maxiter=10, check_finite=False)
+    assert res.statuses == (CGStatus.CONVERGED, CGStatus.MAX_ITERATIONS)
+    assert int(res.iterations[0]) <= 5 and int(res.iterations[1]) == 10
+
+
+# ------------------------------------------------------ issue 10: scipy parity
+def _hermitian(n: int, dtype: torch.dtype, seed: int) -> Tensor:
+    g = _gen(seed)
+    Z = torch.complex(
+        torch.randn(n, n, dtype=F64, generator=g), torch.randn(n, n, dtype=F64, generator=g)
+    )
+    Q, _ = torch.linalg.qr(Z)
+    A = Q @ torch.diag(torch.linspace(1.0, 20.0, n, dtype=F64).to(Q.dtype)) @ Q.conj().T
+    return ((A + A.conj().T) / 2).to(dtype)
+
+
+@pytest.mark.parametrize("rhs", ["vector", "block", "fixed"])
+def test_complex_hermitian_matches_solve_and_scipy(rhs: str) -> None:
+    A = _hermitian(20, torch.complex128, 20)
+    g = _gen(21)
+    b = torch.complex(
+        torch.randn(20, 2, dtype=F64, generator=g), torch.randn(20, 2, dtype=F64, generator=g)
+    )
+    b = b[:, 0] if rhs != "block" else b
+    if rhs == "fixed":
+        res = cg_solve(A, b, rtol=0.0, atol=0.0, maxiter=60)
+    else:
+        res = cg_solve(A, b, rtol=1e-12)
+    assert res.status is CGStatus.CONVERGED and res.x.dtype == torch.complex128
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=0, atol=1e-10)
+    assert res.residual_norm.dtype == F64
+    if rhs == "vector":
+        x_sp, info = scipy.sparse.linalg.cg(A.numpy(), b.numpy(), rtol=1e-12, atol=0.0)
+        assert info == 0
+        np.testing.assert_allclose(res.x.numpy(), x_sp, rtol=0, atol=1e-10)
+
+
+def test_complex64_and_complex_numpy_operator() -> None:
+    A = _hermitian(12, torch.complex128, 22)
+    b = torch.complex(torch.ones(12, dtype=F64), torch.arange(12, dtype=F64))
+    res = cg_solve(A.numpy(), b, rtol=1e-12)  # a complex numpy matrix keeps its imaginary part
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=0, atol=1e-10)
+    low = cg_solve(A.to(torch.complex64), b.to(torch.complex64), rtol=1e-5)
+    assert low.status is CGStatus.CONVERGED
+    torch.testing.assert_close(low.x, res.x.to(torch.complex64), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="A is complex.*b is real.*imaginary part"):
+        cg_solve(A.numpy(), torch.ones(12, dtype=F64))
+
+
+def test_atol_inf_stops_at_once_like_scipy() -> None:
+    A = _spd(6, 1.0, 3.0, 23)
+    b = torch.ones(6, dtype=F64)
+    x0 = torch.full((6,), 0.5, dtype=F64)
+    res = cg_solve(A, b, x0=x0, atol=float("inf"))
+    x_sp, info = scipy.sparse.linalg.cg(A.numpy(), b.numpy(), x0=x0.numpy(), atol=np.inf)
+    assert info == 0 and res.status is CGStatus.CONVERGED and int(res.iterations) == 0
+    np.testing.assert_array_equal(res.x.numpy(), x_sp)
+
+
+@pytest.mark.parametrize("mode", ["vector", "block", "fixed"])
+def test_zero_rhs_returns_zero_whatever_x0(mode: str) -> None:
+    A = _spd(5, 1.0, 3.0, 24)
+    count = Counting(A)
+    b = torch.zeros(5, dtype=F64) if mode != "block" else torch.zeros(5, 2, dtype=F64)
+    x0 = torch.ones_like(b)
+    rtol = 0.0 if mode == "fixed" else 1e-5
+    res = cg_solve(count, b, x0=x0, rtol=rtol, maxiter=4)
+    x_sp, info = scipy.sparse.linalg.cg(A.numpy(), np.zeros(5), x0=np.ones(5))
+    assert info == 0 and not x_sp.any()
+    assert torch.equal(res.x, torch.zeros_like(b)) and torch.equal(x0, torch.ones_like(b))
+    assert all(s is CGStatus.CONVERGED for s in res.statuses)
+    assert bool((res.iterations == 0).all())
+    if mode != "fixed":
+        assert count.calls == 0  # "at once": not even r₀ = b − A x0
+
+
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+@pytest.mark.parametrize("value", [None, -1e-3, float("nan"), "1e-5", True])
+def test_invalid_tolerance_is_a_value_error(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a number >= 0"):
+        cg_solve(torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), **{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be a number >= 0"):
+        CG(**{name: value})
+
+
+def test_true_residual_decides_converged_after_a_long_solve() -> None:
+    # float32, cond 1e4, rtol 1e-6: the recursive residual meets the tolerance after ~440
+    # iterations while the true ‖b − Ax‖ is ~150× the tolerance (the pre-fix solver said
+    # CONVERGED). Now the status is honest about the true residual.
+    A = _spd(100, 1.0, 1e4, 0).float()
+    b = torch.randn(100, dtype=F64, generator=_gen(1)).float()
+    res = cg_solve(A, b, rtol=1e-6)
+    true = torch.linalg.vector_norm((b - A @ res.x).double())
+    assert bool(res.residual_checked)
+    assert res.status is CGStatus.INACCURATE and not res.success
+    assert float(true) > float(res.tolerance)
+    torch.testing.assert_close(res.residual_norm.double(), true, rtol=1e-3, atol=0)
+    with pytest.raises(CGError, match="CG inaccurate.*true ‖b − \\(A \\+ λI\\)x‖"):
+        res.raise_if_failed()
+    # A reachable tolerance converges, certified by the true residual.
+    ok = cg_solve(A, b, rtol=1e-3)
+    true_ok = torch.linalg.vector_norm((b - A @ ok.x).double())
+    assert ok.status is CGStatus.CONVERGED and bool(ok.residual_checked)
+    assert float(true_ok) <= float(ok.tolerance) * (1 + 1e-6)
+
+
+def test_true_residual_check_restarts_columns_of_a_block() -> None:
+    A = _spd(100, 1.0, 1e4, 0).float()
+    b = torch.randn(100, dtype=F64, generator=_gen(1)).float()
+    B = torch.stack([b, A @ torch.ones(100)], 1)
+    res = cg_solve(A, B, rtol=1e-6)
+    single = cg_solve(A, b, rtol=1e-6)
+    assert res.statuses[0] is single.status
+    true = torch.linalg.vector_norm((B - A @ res.x).double(), dim=0)
+    for j, status in enumerate(res.statuses):
+        if status is CGStatus.CONVERGED:
+            assert float(true[j]) <= float(res.tolerance[j]) * (1 + 1e-6)
+
+
+# ------------------------------------------------------- the CG settings value
+def test_cg_value_equals_cg_solve_and_is_frozen() -> None:
+    case = CASES["poisson_2d"]
+    solver = CG(rtol=1e-9, maxiter=200)
+    a = solver.solve(case.A, case.b, damping=0.5)
+    b = cg_solve(case.A, case.b, rtol=1e-9, maxiter=200, damping=0.5)
+    assert torch.equal(a.x, b.x) and a.status is b.status is CGStatus.CONVERGED
+    assert torch.equal(solver(case.A, case.b, damping=0.5).x, a.x)
+    assert not solver.fixed_iterations and CG(rtol=0.0).fixed_iterations
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        solver.rtol = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="maxiter must be"):
+        CG(maxiter=0)
+
+
+def test_vector_fast_path_equals_the_block_loop() -> None:
+    # One vector on the CPU takes the scalar loop; as a (n, 1) block it takes the masked one.
+    case = CASES["spd_ill_conditioned_jacobi"]
+    M = _jacobi(case.A)
+    seen: list[CGIterate] = []
+    vec = cg_solve(case.A, case.b, rtol=1e-10, M=M, callback=seen.append)
+    blk = cg_solve(case.A, case.b[:, None], rtol=1e-10, M=M)
+    assert vec.status is blk.status is CGStatus.CONVERGED
+    assert int(vec.iterations) == int(blk.iterations[0]) == len(seen)
+    torch.testing.assert_close(vec.x, blk.x[:, 0], rtol=1e-12, atol=0)
+    assert [it.iteration for it in seen] == list(range(1, len(seen) + 1))
+    assert not bool(seen[-1].active) and all(bool(it.active) for it in seen[:-1])
+
+
+def test_cg_error_is_a_solver_error() -> None:
+    res = cg_solve(lambda v: -v, torch.ones(3, dtype=F64))
+    with pytest.raises(SolverError) as info:
+        res.raise_if_failed()
+    assert isinstance(info.value, CGError) and info.value.result is res
+    assert res.raise_if_failed(allow=("non_positive_curvature",)) is res
+
+
+def test_matvec_module_docstring_examples_and_one_damping() -> None:
+    result = doctest.testmod(natgrad.matvec)
+    assert result.attempted > 0 and result.failed == 0
+    A = _spd(4, 1.0, 2.0, 30)
+    v = torch.randn(4, dtype=F64, generator=_gen(30))
+    damped = natgrad.matvec.damp(lambda u: A @ u, 0.25)
+    torch.testing.assert_close(damped(v), (A + 0.25 * torch.eye(4, dtype=F64)) @ v)
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        natgrad.matvec.damp(lambda u: u, float("nan"))

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 
-import natgrad.trust_region
+import natgrad.cg
 import trpo.update
 from trpo.checkpoint import (
     CheckpointError,
@@ -453,16 +453,16 @@ def _poison(monkeypatch, kind: str) -> None:
 
         monkeypatch.setattr(trpo.update, "fisher_operator", fisher_operator)
     elif kind == "nan_cg":
-        real_cg = natgrad.trust_region.cg_solve
+        real_solve = natgrad.cg.CG.solve  # what natural_step calls
 
-        def cg_solve(*args, **kwargs):
+        def solve(self, *args, **kwargs):
             calls["n"] += 1
-            result = real_cg(*args, **kwargs)
+            result = real_solve(self, *args, **kwargs)
             if poisoned():
                 result = dataclasses.replace(result, x=torch.full_like(result.x, math.nan))
             return result
 
-        monkeypatch.setattr(natgrad.trust_region, "cg_solve", cg_solve)
+        monkeypatch.setattr(natgrad.cg.CG, "solve", solve)
     elif kind == "nan_loss":
         real_gae = train_module.compute_gae
 
