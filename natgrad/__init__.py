@@ -2,7 +2,8 @@
 
 * :mod:`natgrad.params`: :class:`ParamSpace` (parameter dict <-> flat vector), :func:`flat_grad`.
 * :mod:`natgrad.linop`: :class:`LinearOperator` on flat vectors (damping, dense, scipy).
-* :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators via ``torch.func``.
+* :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators (one batch or a
+  dataset), :func:`value_grad_hessian`; one module each (hessian, ggn, fisher).
 * :mod:`natgrad.cg`: :class:`CG` (settings as a value), :func:`cg_solve` -> :class:`CGResult`.
 * :mod:`natgrad.status`: the one status mechanism (:class:`Status`, :class:`SolverError`).
 * :mod:`natgrad.trust_region`: :func:`natural_step`.
@@ -21,11 +22,13 @@ from natgrad.backtracking import LineSearchResult, LineSearchStatus, line_search
 from natgrad.cg import CG, CGError, CGIterate, CGResult, CGStatus, cg_solve
 from natgrad.curvature import (
     FAMILIES,
+    HESSIAN_METHODS,
     CurvatureOperator,
     fisher_operator,
     ggn_operator,
     hessian_operator,
     kl_hessian_operator,
+    value_grad_hessian,
 )
 from natgrad.linop import LinearOperator
 from natgrad.minimize import OptimizeError, OptimizeResult, OptimizeStatus, minimize
@@ -39,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CG",
     "FAMILIES",
+    "HESSIAN_METHODS",
     "CGError",
     "CGIterate",
     "CGResult",
@@ -62,6 +66,7 @@ __all__ = [
     "kl_hessian_operator",
     "line_search",
     "natural_step",
+    "value_grad_hessian",
     # natgrad-optim: second-order optimisation
     "OptimizeError",
     "OptimizeResult",

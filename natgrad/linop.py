@@ -5,8 +5,15 @@ together with the metadata a solver needs (``shape``, ``dtype``, ``device``).
 It applies to one vector ``(n,)`` or a block of ``k`` vectors ``(n, k)``, adds
 the CG damping of the seed notes, ``(A + λI) v = A v + λ v``
 (:meth:`LinearOperator.damped`), and converts to a dense tensor (tests, small
-problems) or to a :class:`scipy.sparse.linalg.LinearOperator` (scipy's ``cg``,
-``eigsh`` and friends run on it in float64).
+problems) or to and from a :class:`scipy.sparse.linalg.LinearOperator`.
+
+Algebra, all lazy (nothing is materialised): ``A @ B`` (composition), ``A @ v``
+/ ``A @ V`` (products), ``u @ A`` (``Aᵀu``), ``A.T`` (transpose), ``A.H``
+(adjoint ``Aᴴ``, the conjugate transpose), ``α * A``, ``A * α``, ``A / α``,
+``A + B``, ``A - B``, ``-A`` and ``sum(ops)``. The adjoint is exact whatever the
+operator: the ``rmatvec`` given at construction, the operator itself when it
+is ``hermitian``, or else ``Aᴴu`` by reverse-mode autodiff of the (linear)
+``matvec``, one backward per product.
 
 Example:
     >>> import torch
@@ -17,13 +24,17 @@ Example:
     >>> op.damped(1.0).to_dense()
     tensor([[3., 1.],
             [1., 4.]], dtype=torch.float64)
+    >>> (2 * op @ op.T - op).to_dense()
+    tensor([[ 8.,  9.],
+            [ 9., 17.]], dtype=torch.float64)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from numbers import Real
+from numbers import Complex, Real
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,13 +68,28 @@ class LinearOperator:
             it, blocks are applied by :func:`torch.vmap` over the columns of
             ``matvec``, and by a loop over columns when ``matvec`` cannot be
             vmapped (e.g. it calls ``.item()`` or ``torch.autograd.grad``).
+        rmatvec: Optional ``u -> Aᴴ u`` for ``u`` of shape ``(m,)`` (the adjoint,
+            scipy's convention; ``Aᵀ u`` for real dtypes). Without it (and without
+            ``hermitian``) :attr:`H` differentiates ``matvec``.
+        hermitian: ``A = Aᴴ`` (symmetric for real dtypes): :attr:`H` and :attr:`T`
+            (real) are the operator itself. Not checked.
 
     Raises:
-        ValueError: ``shape`` is not two non-negative ints, or ``matvec`` /
-            ``matmat`` is not callable.
+        ValueError: ``shape`` is not two non-negative ints, ``matvec`` / ``matmat``
+            / ``rmatvec`` is not callable, or a ``hermitian`` operator is not square.
     """
 
-    __slots__ = ("_matvec", "_matmat", "shape", "dtype", "device", "_vmap_ok")
+    __slots__ = (
+        "_matvec",
+        "_matmat",
+        "_rmatvec",
+        "_hermitian",
+        "_adjoint",
+        "shape",
+        "dtype",
+        "device",
+        "_vmap_ok",
+    )
 
     def __init__(
         self,
@@ -73,18 +99,27 @@ class LinearOperator:
         device: torch.device | str,
         *,
         matmat: Matvec | None = None,
+        rmatvec: Matvec | None = None,
+        hermitian: bool = False,
     ) -> None:
         if not callable(matvec):
             raise ValueError("matvec must be callable v -> A v")
         if matmat is not None and not callable(matmat):
             raise ValueError("matmat must be callable V -> A V or None")
+        if rmatvec is not None and not callable(rmatvec):
+            raise ValueError("rmatvec must be callable u -> Aᴴ u or None")
         shape = tuple(shape)
         if len(shape) != 2 or not all(isinstance(s, int) and s >= 0 for s in shape):
             raise ValueError(f"shape must be (m, n) with non-negative ints, got {shape}")
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
+        if hermitian and shape[0] != shape[1]:
+            raise ValueError(f"a hermitian operator must be square, got shape {shape}")
         self._matvec = matvec
         self._matmat = matmat
+        self._rmatvec = rmatvec
+        self._hermitian = bool(hermitian)
+        self._adjoint: LinearOperator | None = None
         self.shape: tuple[int, int] = shape
         self.dtype: torch.dtype = dtype
         self.device: torch.device = _normalize_device(device)
@@ -117,7 +152,19 @@ class LinearOperator:
         self._check(v)
         return self._apply_block(v)
 
-    __matmul__ = matvec
+    def __matmul__(self, other: Any) -> Any:
+        """``A @ B`` composes with another operator; ``A @ v`` / ``A @ V`` applies (:meth:`matvec`)."""
+        if isinstance(other, LinearOperator):
+            return self._compose(other)
+        if isinstance(other, Tensor):
+            return self.matvec(other)
+        return NotImplemented
+
+    def __rmatmul__(self, u: Any) -> Any:
+        """``u @ A = (Aᵀ uᵀ)ᵀ`` for a row vector ``(m,)`` or rows ``(k, m)``."""
+        if not isinstance(u, Tensor):
+            return NotImplemented
+        return self.T.matvec(u) if u.ndim == 1 else self.T.matvec(u.mT).mT
 
     def __call__(self, v: Tensor) -> Tensor:
         """Same as :meth:`matvec`, so the operator is also a plain callable."""
@@ -175,49 +222,166 @@ class LinearOperator:
             damp(self._matvec, lam), self.shape, self.dtype, self.device, matmat=matmat
         )
         op._vmap_ok = self._vmap_ok
+        op._hermitian = self._hermitian  # λ is real: (A + λI)ᴴ = Aᴴ + λI
         return op
+
+    def _like(self, matvec: Matvec, matmat: Matvec, rmatvec: Matvec | None, herm: bool):
+        return LinearOperator(
+            matvec,
+            self.shape,
+            self.dtype,
+            self.device,
+            matmat=matmat,
+            rmatvec=None if herm else rmatvec,
+            hermitian=herm,
+        )
 
     def __add__(self, other: LinearOperator) -> LinearOperator:
         """Sum ``(A + B) v = A v + B v`` of two operators of the same shape/dtype/device."""
         if not isinstance(other, LinearOperator):
             return NotImplemented
+        self._check_same(other)
+        a, b = self, other
+        return self._like(
+            lambda v: a._matvec(v) + b._matvec(v),
+            lambda V: a._apply_block(V) + b._apply_block(V),
+            lambda u: a.H.matvec(u) + b.H.matvec(u),
+            a._hermitian and b._hermitian,
+        )
+
+    def __radd__(self, other: Any) -> LinearOperator:
+        """``0 + A = A``, so that ``sum(operators)`` works."""
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: LinearOperator) -> LinearOperator:
+        """Difference ``(A − B) v = A v − B v``."""
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return self + (-1.0) * other
+
+    def __neg__(self) -> LinearOperator:
+        """``(−A) v = −(A v)``."""
+        return self * -1.0
+
+    def __mul__(self, alpha: Any) -> LinearOperator:
+        """Scalar multiple ``(α A) v = α (A v)``; ``α`` complex only for complex operators.
+
+        Raises:
+            ValueError: A complex ``α`` on a real operator, or a non-finite ``α``.
+        """
+        if isinstance(alpha, Tensor) and alpha.numel() == 1:
+            alpha = alpha.item()
+        if not isinstance(alpha, Complex):
+            return NotImplemented
+        if not isinstance(alpha, Real) and not self.dtype.is_complex:
+            raise ValueError(f"alpha must be real for a {self.dtype} operator, got {alpha!r}")
+        if not math.isfinite(abs(alpha)):
+            raise ValueError(f"alpha must be finite, got {alpha!r}")
+        a = self
+        alpha = float(alpha) if isinstance(alpha, Real) else complex(alpha)
+        conj = alpha.conjugate()
+        return self._like(
+            lambda v: a._matvec(v) * alpha,
+            lambda V: a._apply_block(V) * alpha,
+            lambda u: a.H.matvec(u) * conj,
+            a._hermitian and isinstance(alpha, float),
+        )
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, alpha: Any) -> LinearOperator:
+        """``A / α = (1/α) A`` for a non-zero scalar."""
+        if isinstance(alpha, Tensor) and alpha.numel() == 1:
+            alpha = alpha.item()
+        if not isinstance(alpha, Complex):
+            return NotImplemented
+        if alpha == 0:
+            raise ValueError("alpha must be non-zero")
+        return self * (1 / alpha)
+
+    def _compose(self, other: LinearOperator) -> LinearOperator:
+        """``(A B) v = A (B v)``, adjoint ``Bᴴ Aᴴ``."""
+        if self.shape[1] != other.shape[0]:
+            raise ValueError(f"cannot compose {self.shape} with {other.shape}: inner sizes differ")
+        if (other.dtype, other.device) != (self.dtype, self.device):
+            raise ValueError(
+                f"other must be {self.dtype} on {self.device} to compose, got "
+                f"{other.dtype} on {other.device}"
+            )
+        a, b = self, other
+        return LinearOperator(
+            lambda v: a._matvec(b._matvec(v)),
+            (a.shape[0], b.shape[1]),
+            self.dtype,
+            self.device,
+            matmat=lambda V: a._apply_block(b._apply_block(V)),
+            rmatvec=lambda u: b.H.matvec(a.H.matvec(u)),
+        )
+
+    @property
+    def H(self) -> LinearOperator:
+        """The adjoint ``Aᴴ`` (conjugate transpose; ``Aᵀ`` for real dtypes), ``(n, m)``.
+
+        Built once and cached. From ``rmatvec`` if given, ``self`` if hermitian,
+        else by reverse-mode autodiff of ``matvec``: ``Aᴴu = ∇_x ⟨u, A x⟩`` (exact
+        for a linear ``matvec``; it must be differentiable by torch.autograd).
+        """
+        if self._hermitian:
+            return self
+        if self._adjoint is None:
+            rmatvec = self._rmatvec or self._autograd_adjoint
+            adj = LinearOperator(
+                rmatvec,
+                (self.shape[1], self.shape[0]),
+                self.dtype,
+                self.device,
+                rmatvec=self._matvec,
+            )
+            adj._adjoint = self
+            self._adjoint = adj
+        return self._adjoint
+
+    @property
+    def T(self) -> LinearOperator:
+        """The transpose ``Aᵀ``: :attr:`H` for real dtypes, ``conj(Aᴴ conj(u))`` for complex."""
+        if not self.dtype.is_complex:
+            return self.H
+        adj = self.H
+        return LinearOperator(
+            lambda u: adj._matvec(u.conj()).conj(),
+            adj.shape,
+            self.dtype,
+            self.device,
+            rmatvec=lambda v: self._matvec(v.conj()).conj(),
+        )
+
+    def _autograd_adjoint(self, u: Tensor) -> Tensor:
+        x = torch.zeros(self.shape[1], dtype=self.dtype, device=self.device, requires_grad=True)
+        with torch.enable_grad():
+            y = self._matvec(x)
+            if not y.requires_grad:
+                raise TypeError(
+                    "the adjoint of this operator needs rmatvec=, hermitian=True, or a matvec "
+                    "that torch.autograd can differentiate (this one returns a detached result)"
+                )
+            (g,) = torch.autograd.grad(y, x, u, allow_unused=True)
+        return g if g is not None else torch.zeros_like(x)
+
+    def _check_same(self, other: LinearOperator) -> None:
         if (other.shape, other.dtype, other.device) != (self.shape, self.dtype, self.device):
             raise ValueError(
                 f"other must match shape {self.shape}, {self.dtype} on {self.device}; got "
                 f"{other.shape}, {other.dtype} on {other.device}"
             )
-        a, b = self, other
-        return LinearOperator(
-            lambda v: a._matvec(v) + b._matvec(v),
-            self.shape,
-            self.dtype,
-            self.device,
-            matmat=lambda V: a._apply_block(V) + b._apply_block(V),
-        )
-
-    def __mul__(self, alpha: float) -> LinearOperator:
-        """Scalar multiple ``(α A) v = α (A v)``."""
-        if isinstance(alpha, Tensor) and alpha.numel() == 1:
-            alpha = float(alpha)
-        if not isinstance(alpha, Real):
-            return NotImplemented
-        a, alpha = self, float(alpha)
-        return LinearOperator(
-            lambda v: a._matvec(v) * alpha,
-            self.shape,
-            self.dtype,
-            self.device,
-            matmat=lambda V: a._apply_block(V) * alpha,
-        )
-
-    __rmul__ = __mul__
 
     @classmethod
     def identity(
         cls, n: int, dtype: torch.dtype, device: torch.device | str = "cpu"
     ) -> LinearOperator:
         """The identity ``I_n`` (so that ``op + lam * LinearOperator.identity(...)`` works)."""
-        return cls(lambda v: v, (n, n), dtype, device, matmat=lambda V: V)
+        return cls(lambda v: v, (n, n), dtype, device, matmat=lambda V: V, hermitian=True)
 
     # ---------------------------------------------------------- conversions
     @classmethod
@@ -229,7 +393,50 @@ class LinearOperator:
         """
         if not isinstance(A, Tensor) or A.ndim != 2:
             raise ValueError(f"A must be a 2-D tensor, got {getattr(A, 'shape', type(A).__name__)}")
-        return cls(A.mv, tuple(A.shape), A.dtype, A.device, matmat=A.mm)
+        AH = A.mH
+        return cls(A.mv, tuple(A.shape), A.dtype, A.device, matmat=A.mm, rmatvec=AH.mv)
+
+    @classmethod
+    def from_scipy(
+        cls, A: Any, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> LinearOperator:
+        """Wrap a scipy/numpy operator: a ``scipy.sparse.linalg.LinearOperator``, a sparse matrix or
+        array, or a 2-D ``numpy.ndarray``.
+
+        Each product moves ``v`` to host numpy, applies ``A @ x`` there and moves
+        the result back (for CPU interop, not for GPU hot loops). The adjoint uses
+        ``A.H`` (scipy operators) or ``A.conj().T`` (matrices). No scipy import is
+        needed: ``A`` is used through ``shape``, ``dtype`` and ``@``.
+
+        Args:
+            A: The operator, shape ``(m, n)``.
+            dtype: The torch dtype of ``v`` and ``A v``; default ``A.dtype``'s
+                (float64 for an integer ``A``). A complex ``A`` needs a complex dtype.
+            device: Where ``v`` and ``A v`` live.
+
+        Raises:
+            ValueError: ``A`` has no 2-D ``shape``, or is complex and ``dtype`` is real.
+        """
+        shape = tuple(int(s) for s in getattr(A, "shape", ()))
+        if len(shape) != 2 or not hasattr(A, "__matmul__"):
+            raise ValueError(f"A must be a 2-D scipy/numpy operator, got {type(A).__name__}")
+        np_dtype = np.dtype(getattr(A, "dtype", None) or np.float64)
+        if dtype is None:
+            kind = np_dtype if np_dtype.kind in "fc" else np.dtype(np.float64)
+            dtype = torch.from_numpy(np.empty(0, dtype=kind)).dtype
+        if np_dtype.kind == "c" and not dtype.is_complex:
+            raise ValueError(f"A is complex ({np_dtype}); pass a complex dtype, got {dtype}")
+        AH = A.H if hasattr(A, "H") else A.conj().T
+        device = _normalize_device(device)
+
+        def wrap(M: Any) -> Matvec:
+            def apply(v: Tensor) -> Tensor:
+                out = np.asarray(M @ v.detach().cpu().numpy())
+                return torch.as_tensor(out).to(dtype=dtype, device=device)
+
+            return apply
+
+        return cls(wrap(A), shape, dtype, device, matmat=wrap(A), rmatvec=wrap(AH))
 
     def to_dense(self, chunk_size: int = 64) -> Tensor:
         """Materialise ``A`` by applying it to the columns of the identity.
@@ -253,26 +460,38 @@ class LinearOperator:
             return torch.zeros(m, 0, dtype=self.dtype, device=self.device)
         return torch.cat(cols, dim=1)
 
-    def to_scipy(self):  # -> scipy.sparse.linalg.LinearOperator
-        """A :class:`scipy.sparse.linalg.LinearOperator` in float64 numpy.
+    def to_scipy(self) -> Any:  # scipy.sparse.linalg.LinearOperator
+        """A :class:`scipy.sparse.linalg.LinearOperator` in float64 (complex128) numpy.
 
         Inputs are converted to the operator's dtype/device, outputs back to
-        float64 numpy on the host, so ``scipy.sparse.linalg.cg`` / ``eigsh`` run
-        on it directly. (A float32 operator is therefore only float32-accurate.)
+        float64 numpy on the host (complex128 for a complex operator, so no
+        imaginary part is lost), so ``scipy.sparse.linalg.cg`` / ``eigsh`` run on
+        it directly; its ``rmatvec`` is :attr:`H`. (A float32 operator is
+        therefore only float32-accurate.) scipy is imported here, lazily: it is
+        an optional dependency that ``import natgrad.linop`` does not pay for.
         """
         from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
         dtype, device = self.dtype, self.device
+        np_dtype = np.complex128 if dtype.is_complex else np.float64
+        host = torch.complex128 if dtype.is_complex else torch.float64
 
-        def mv(x: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype=dtype, device=device)
-            return self.matvec(t.reshape(-1)).to(torch.float64).cpu().numpy()
+        def convert(op: LinearOperator) -> Callable[[np.ndarray], np.ndarray]:
+            def apply(x: np.ndarray) -> np.ndarray:
+                t = torch.as_tensor(np.asarray(x, dtype=np_dtype)).to(dtype=dtype, device=device)
+                if t.ndim == 2 and t.shape[1] == 1:
+                    t = t.reshape(-1)  # scipy passes (n, 1) columns to matvec
+                return op.matvec(t).to(host).cpu().numpy()
 
-        def mm(X: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.asarray(X, dtype=np.float64)).to(dtype=dtype, device=device)
-            return self.matvec(t).to(torch.float64).cpu().numpy()
+            return apply
 
-        return ScipyLinearOperator(self.shape, matvec=mv, matmat=mm, dtype=np.float64)
+        return ScipyLinearOperator(
+            self.shape,
+            matvec=convert(self),
+            matmat=convert(self),
+            rmatvec=lambda x: convert(self.H)(x),
+            dtype=np_dtype,
+        )
 
     def _check_square(self, what: str) -> None:
         if self.shape[0] != self.shape[1]:

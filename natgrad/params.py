@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ParamSpace", "flat_grad"]
+__all__ = ["ParamSpace", "detached_params", "flat_grad"]
 
 
 class ParamSpace:
@@ -197,6 +197,18 @@ class ParamSpace:
         raise ValueError(
             f"params keys differ from the space: missing {missing}, unexpected {extra}"
         )
+
+
+def detached_params(params: Mapping[str, Tensor]) -> tuple[ParamSpace, dict[str, Tensor]]:
+    """``(ParamSpace(params), {name: tensor.detach()})``: the point a curvature is taken at.
+
+    Detached (views of the same storage, no copy) so that nothing natgrad builds
+    touches the caller's autograd graph or ``.grad``.
+
+    Raises:
+        ValueError: ``params`` is not a valid parameter mapping (see :class:`ParamSpace`).
+    """
+    return ParamSpace(params), {k: v.detach() for k, v in params.items()}
 
 
 def flat_grad(

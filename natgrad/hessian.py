@@ -1,0 +1,310 @@
+"""Hessian-vector products of a scalar function, ``H v = ∇²L(θ) v``, matrix-free.
+
+Two exact methods (``method=`` of :func:`hessian_operator`):
+
+* ``"double_backprop"`` (reverse-over-reverse): the gradient ``g = ∇L`` is
+  computed **once**, in the constructor, with ``create_graph=True``; each
+  product backpropagates ``gᵀv`` through that kept graph,
+  ``H v = ∇_θ(g(θ)ᵀ v)``, i.e. one backward of the backward and no forward.
+  The constructor's forward and backward also give ``L`` and ``∇L``, which
+  :func:`value_grad_hessian` returns. Memory: the forward activations and the
+  gradient graph stay alive as long as the operator.
+* ``"forward_over_reverse"``: ``H v = jvp(∇L, θ; v)`` with :mod:`torch.func`,
+  which re-runs the forward and the backward with tangents at **every**
+  product (nothing is kept between products). It needs no double-backward
+  formula, only forward-mode derivatives of the backward.
+
+``"auto"`` (default) is ``"double_backprop"``, falling back to
+``"forward_over_reverse"`` when the first product fails because an op in the
+graph has no double-backward formula (e.g. an ``autograd.Function`` marked
+``@once_differentiable``). Measured on CPU (``bench/test_bench_curvature.py``),
+double backprop costs about one gradient per product and forward-over-reverse
+several: it re-evaluates the loss under two torch.func transforms, whose
+per-op Python dispatch dominates small problems, and its first use in a
+process imports ``torch._dynamo`` for torch.func's decompositions (≈ 1.5 s).
+There is no ``torch.func.linearize`` method: the kept gradient graph of
+double backprop *is* the cached linearisation of ``∇L``, without the tracing
+cost, and ``linearize(grad(F.mse_loss))`` crashes the process in torch 2.13.
+
+With ``data=`` (an iterable of batches) the operator is the Hessian of the
+full-data mean, streamed batch by batch (:mod:`natgrad.batches`): each product
+rebuilds each batch's gradient graph, one pass over the data per product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp
+
+from natgrad.backprop import vjp
+from natgrad.batches import streamed_operator
+from natgrad.curvature_operator import CurvatureOperator, zero_operator
+from natgrad.guards import check_args, check_modules, no_dependence_error, translated_errors
+from natgrad.params import ParamSpace, detached_params
+
+__all__ = [
+    "HESSIAN_METHODS",
+    "hessian_operator",
+    "kl_hessian_operator",
+    "value_grad_hessian",
+]
+
+#: Values of ``method`` in :func:`hessian_operator`.
+HESSIAN_METHODS = ("auto", "double_backprop", "forward_over_reverse")
+
+Params = Mapping[str, Tensor]
+Loss = Callable[[dict[str, Tensor]], Tensor]
+
+
+def _scalar(out: Any, what: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{what} must return a scalar torch tensor, got {type(out).__name__}")
+    if out.numel() != 1:
+        raise ValueError(f"{what} must return a scalar tensor, got shape {tuple(out.shape)}")
+    return out.reshape(())
+
+
+def _flat(parts: tuple[Tensor | None, ...], like: list[Tensor]) -> Tensor:
+    """Concatenate per-leaf results (``None``: the leaf is unused, zeros)."""
+    flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(parts, like)]
+    # One leaf: a view, no copy (the common case of a function of one tensor).
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+
+def _double_backprop(
+    loss: Loss, space: ParamSpace, primals: dict[str, Tensor], what: str
+) -> tuple[Tensor, Tensor, CurvatureOperator]:
+    """``(L, ∇L, H)`` from one forward and one ``create_graph`` backward; see the module doc."""
+    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
+    # enable_grad: the graph must be built even when the caller runs under no_grad.
+    with torch.enable_grad(), translated_errors(what):
+        value = _scalar(loss(dict(zip(space.names, leaves))), what)
+        if not value.requires_grad:
+            raise no_dependence_error(what)
+        g = _flat(torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True), leaves)
+    if not g.requires_grad:
+        # L is at most linear in θ: H = 0 (a legitimate answer, unlike a constant L).
+        return value.detach(), g, zero_operator(space)
+    numels = [p.numel() for p in leaves]
+    if len(leaves) == 1:
+        # One tensor (the common case of a function of a vector): g depends on the leaf
+        # (it requires grad), so the product is never None and needs no concatenation.
+        # vjp: the engine without torch.autograd.grad's per-call checks (natgrad.backprop).
+        leaf = leaves[0]
+
+        def matvec(v: Tensor) -> Tensor:
+            # vjp keeps the gradient graph: it serves every product (by design).
+            return vjp((g,), (leaf,), (v,))[0].reshape(-1)
+
+    else:
+
+        def matvec(v: Tensor) -> Tensor:
+            return _flat(vjp((g,), leaves, (v,)), leaves)
+
+    def matmat(V: Tensor) -> Tensor:
+        k = V.shape[1]
+        if k == 0:
+            return torch.zeros_like(V)
+        try:
+            parts = torch.autograd.grad(
+                g, leaves, V.T, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        except RuntimeError:
+            # An op without a batching rule for autograd's batched backward: loop.
+            return torch.stack([matvec(V[:, j]) for j in range(k)], dim=1)
+        blocks = [
+            (p.reshape(k, -1) if p is not None else V.new_zeros(k, m))
+            for p, m in zip(parts, numels)
+        ]
+        return torch.cat(blocks, dim=1).T
+
+    return value.detach(), g.detach(), CurvatureOperator(matvec, space, matmat=matmat)
+
+
+def _forward_over_reverse(
+    loss: Loss, space: ParamSpace, primals: dict[str, Tensor], what: str
+) -> CurvatureOperator:
+    """``H v = jvp(grad L)(v)``; nothing is kept between products (see the module doc)."""
+    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
+    with torch.enable_grad(), translated_errors(what):
+        # One forward at construction so that a bad loss fails here, not in CG.
+        if not _scalar(loss(dict(zip(space.names, leaves))), what).requires_grad:
+            raise no_dependence_error(what)
+    grad_fn = grad(lambda p: _scalar(loss(p), what))
+    unravel, ravel = space.unravel, space.ravel
+    fallback: list[CurvatureOperator] = []
+
+    def matvec(v: Tensor) -> Tensor:
+        if not fallback:
+            try:
+                return ravel(jvp(grad_fn, (primals,), (unravel(v),))[1])
+            except RuntimeError as e:
+                # Some backward formulas have no forward-mode derivative usable under jvp
+                # (torch 2.13: F.mse_loss raises "ZeroTensors are immutable"): use double
+                # backprop, exact too, from then on.
+                if "ZeroTensor" not in str(e):
+                    raise
+                fallback.append(_double_backprop(loss, space, primals, what)[2])
+        return fallback[0].matvec(v)
+
+    return CurvatureOperator(matvec, space)
+
+
+def _auto(
+    loss: Loss, space: ParamSpace, primals: dict[str, Tensor], what: str
+) -> CurvatureOperator:
+    """Double backprop; forward-over-reverse if its first product fails (no double backward).
+
+    The first product decides, then installs the chosen method's own closures in
+    the returned operator, so later products pay no extra dispatch.
+    """
+    primary = _double_backprop(loss, space, primals, what)[2]
+
+    def first(v: Tensor) -> Tensor:
+        try:
+            out, chosen = primary.matvec(v), primary
+        except RuntimeError as e:
+            try:
+                chosen = _forward_over_reverse(loss, space, primals, what)
+                out = chosen.matvec(v)
+            except RuntimeError:
+                raise e from None
+        op._matvec, op._matmat = chosen._matvec, chosen._matmat
+        return out
+
+    op = CurvatureOperator(first, space, matmat=first)
+    return op
+
+
+_METHODS = {
+    "auto": _auto,
+    "double_backprop": lambda *a: _double_backprop(*a)[2],
+    "forward_over_reverse": _forward_over_reverse,
+}
+
+
+def _batch_hessian(
+    loss_fn: Callable[..., Tensor],
+    space: ParamSpace,
+    primals: dict[str, Tensor],
+    args: tuple,
+    method: str,
+) -> CurvatureOperator:
+    check_args(args, space.dtype)
+    return _METHODS[method](lambda p: loss_fn(p, *args), space, primals, "loss_fn")
+
+
+def hessian_operator(
+    loss_fn: Callable[..., Tensor],
+    params: Params,
+    *args: Any,
+    method: str = "auto",
+    data: Iterable[Any] | None = None,
+) -> CurvatureOperator:
+    """Hessian of a scalar loss, ``H v = ∇²_θ L(θ) v``, matrix-free and exact.
+
+    Args:
+        loss_fn: ``loss_fn(params_dict, *args) -> scalar`` (a batch mean when
+            ``data`` is given).
+        params: Mapping name -> tensor, the point ``θ``.
+        *args: One batch: further (fixed) arguments of ``loss_fn``.
+        method: ``"auto"`` (default), ``"double_backprop"`` or
+            ``"forward_over_reverse"``; see the module docstring for the cost of each
+            and when ``"auto"`` falls back.
+        data: Instead of ``*args``, a re-iterable of batches (a list of tuples, a
+            DataLoader): the Hessian of the full-data mean ``Σ_b (n_b/N) L_b``,
+            one pass over the data per product (:mod:`natgrad.batches`).
+
+    Returns:
+        A symmetric ``(n, n)`` :class:`CurvatureOperator`.
+
+    Raises:
+        ValueError: Unknown ``method``; both ``*args`` and ``data``; ``params`` is
+            not a valid parameter mapping; ``loss_fn`` does not return a scalar or
+            does not depend on ``params``; a train-mode BatchNorm/Dropout.
+        TypeError: ``loss_fn`` returns a non-tensor or converts to numpy; data of
+            another floating dtype than ``params``; ``data`` is not re-iterable.
+    """
+    if method not in HESSIAN_METHODS:
+        raise ValueError(f"method must be one of {HESSIAN_METHODS}, got {method!r}")
+    space, primals = detached_params(params)
+    check_modules(loss_fn, "loss_fn")
+    if data is None:
+        return _batch_hessian(loss_fn, space, primals, args, method)
+    if args:
+        raise ValueError("pass one batch as *args or an iterable of batches as data=, not both")
+    return streamed_operator(
+        space, data, lambda batch: _batch_hessian(loss_fn, space, primals, batch, method)
+    )
+
+
+def value_grad_hessian(
+    fun: Callable[..., Tensor], x: Tensor | Params, *args: Any
+) -> tuple[Tensor, Tensor, CurvatureOperator]:
+    """Value, gradient and Hessian operator of ``fun`` at ``x`` from one forward and one backward.
+
+    The same code as ``hessian_operator(method="double_backprop")``: ``∇fun`` is
+    computed with ``create_graph=True`` and its graph kept for the products
+    ``H v = ∇(∇fun(x)ᵀ v)``, so a Newton step pays one forward and one backward
+    for ``(f, g)`` and one double backward per Hessian product.
+
+    Args:
+        fun: ``fun(x, *args) -> scalar tensor``.
+        x: A tensor (any shape) or a mapping name -> tensor (one dtype/device).
+        *args: Further (fixed) arguments of ``fun``.
+
+    Returns:
+        ``(f, g, H)``: the 0-dim value (detached), the flat ``(n,)`` gradient
+        (detached; ``x.reshape(-1)``'s order for a tensor, ``H.space``'s for a
+        mapping) and the ``(n, n)`` :class:`CurvatureOperator` on flat vectors.
+
+    Raises:
+        TypeError: ``x`` is neither a tensor nor a mapping of tensors, ``fun``
+            returns a non-tensor, or ``args`` hold data of another floating dtype.
+        ValueError: ``fun`` does not return a scalar or does not depend on ``x``.
+    """
+    if isinstance(x, Tensor):
+        space, primals = detached_params({"x": x})
+
+        def loss(p: dict[str, Tensor]) -> Tensor:
+            return fun(p["x"], *args)
+
+    elif isinstance(x, Mapping):
+        space, primals = detached_params(x)
+
+        def loss(p: dict[str, Tensor]) -> Tensor:
+            return fun(p, *args)
+
+    else:
+        raise TypeError(f"x must be a tensor or a mapping name -> tensor, got {type(x).__name__}")
+    check_args(args, space.dtype)
+    return _double_backprop(loss, space, primals, "fun")
+
+
+def kl_hessian_operator(
+    kl_fn: Callable[..., Tensor], params: Params, *args: Any
+) -> CurvatureOperator:
+    """Hessian of a scalar (mean KL) by double backprop: ``H v = ∇_θ(∇_θ KL · v)``.
+
+    The seed notes' ``compute_hvp`` (and SB3 TRPO's ``hessian_vector_product``);
+    the same code as ``hessian_operator(kl_fn, params, *args,
+    method="double_backprop")``. It is the reference :func:`fisher_operator` is
+    tested and benchmarked against.
+
+    Args:
+        kl_fn: ``kl_fn(params_dict, *args) -> scalar``, normally the mean
+            ``KL(π_old ‖ π_θ)`` with the old distribution held fixed (detached).
+        params: Mapping name -> tensor, the point ``θ`` (normally ``θ_old``).
+        *args: Further (fixed) arguments of ``kl_fn``.
+
+    Returns:
+        A symmetric ``(n, n)`` :class:`CurvatureOperator`.
+
+    Raises:
+        ValueError: ``kl_fn`` does not return a scalar or ignores ``params``.
+    """
+    return hessian_operator(kl_fn, params, *args, method="double_backprop")
