@@ -164,8 +164,14 @@ def _operator(A: Any) -> tuple[Any, int, torch.dtype, torch.device]:
         )
     device = torch.device(getattr(A, "device", "cpu"))
     n = int(shape[0])
-    like = torch.empty(n, dtype=dtype, device=device)
-    return as_matvec(A, like, "A"), n, dtype, device
+    # as_matvec specialises on the operand's rank (e.g. mv vs mm for a dense A).
+    vec = as_matvec(A, torch.empty(n, dtype=dtype, device=device), "A")
+    block = as_matvec(A, torch.empty(n, 1, dtype=dtype, device=device), "A")
+
+    def apply(v: Tensor) -> Tensor:
+        return vec(v) if v.ndim == 1 else block(v)
+
+    return apply, n, dtype, device
 
 
 def _rademacher(n: int, k: int, gen: torch.Generator, dtype, device) -> Tensor:

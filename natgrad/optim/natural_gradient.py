@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 
-from natgrad.cg import cg_solve
+from natgrad.cg import CG
 from natgrad.optim._base import (
     Closure,
     ModelView,
@@ -114,15 +114,14 @@ class NaturalGradient(torch.optim.Optimizer):
             f0, g = view.value_grad(closure, theta, "mean" if empirical else "scalar")
             F = view.curvature("empirical" if empirical else "fisher", theta, closure=closure,
                                inputs=inputs, family=self._family)
-        cg_opts = dict(damping=opts["damping"], maxiter=opts["cg_maxiter"],
-                       rtol=opts["cg_rtol"], check_finite=False)
+        solver = CG(maxiter=opts["cg_maxiter"], rtol=opts["cg_rtol"], check_finite=False)
         state = self.state[view.params[0]]
         if self._max_kl is None:
-            s = cg_solve(F, g, **cg_opts).x
+            s = solver.solve(F, g, damping=opts["damping"]).x
             view.write(theta - group_scale(self.param_groups, view) * s)
             state.update(step=state.get("step", 0) + 1)
             return f0.detach()
-        nat = natural_step(-g, F, self._max_kl, **cg_opts)
+        nat = natural_step(-g, F, self._max_kl, damping=opts["damping"], solver=solver)
         old = F.outputs
         outputs_fn, inputs_t = view.outputs_fn(), _as_tuple(inputs)
 
@@ -130,7 +129,7 @@ class NaturalGradient(torch.optim.Optimizer):
             return mean_kl(self._family, old, outputs_fn(view.as_dict(t), *inputs_t))
 
         ls = line_search(
-            lambda t: -view.value(closure, t), kl, theta, nat.step, max_constraint=self._max_kl,
+            lambda t: -view.value(closure, t), kl, theta, nat.step, delta=self._max_kl,
             expected_improvement=nat.expected_improvement, objective_old=-f0,
             max_tries=self._tries,
         )
