@@ -314,11 +314,12 @@ def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter) -> 
             host = [torch.tensor(v, dtype=torch.float64) for v in (pmp, pmd, dmd, rad2, dq)]
             lo, hi = _boundary_taus(*host[:4])
             tau = hi if dq > 0 else _npc_tau(lo, hi, _dot(d, r).to("cpu", torch.float64), host[4])
-            p, r = p + float(tau) * d, r - float(tau) * q
+            p, r = torch.add(p, d, alpha=float(tau)), torch.sub(r, q, alpha=float(tau))
             pmp, iterations = rad2, iterations + 1
             status = S.BOUNDARY if dq > 0 else S.NEGATIVE_CURVATURE
         else:
-            p_next, r_next = p + alpha * d, r - alpha * q
+            # Fused axpys (one kernel each): the per-iteration overhead decides small problems.
+            p_next, r_next = torch.add(p, d, alpha=alpha), torch.sub(r, q, alpha=alpha)
             rnorm = float(_colnorm(r_next))
             if not math.isfinite(rnorm):
                 status = S.NON_FINITE
@@ -336,7 +337,7 @@ def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter) -> 
             else:
                 beta = rz_next / rz
                 pmd, dmd = beta * (pmd + alpha * dmd), rz_next + beta * beta * dmd
-                d, rz = z + beta * d, rz_next
+                d, rz = torch.add(z, d, alpha=beta), rz_next
     return _result(g, p, r, pmp, rad, tol, iterations, matvecs, maxiter, S.code(status))
 
 
