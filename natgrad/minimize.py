@@ -276,13 +276,20 @@ def minimize(
     )
 
 
-def _stop_requested(callback: Callable[[X], Any] | None, prob: _Problem, x: Tensor) -> bool:
-    if callback is None:
-        return False
-    try:
-        return callback(prob.user(x)) is True
-    except StopIteration:
-        return True
+def _stop(
+    callback: Callable[[X], Any] | None, prob: _Problem, x: Tensor, gnorm: float, gtol: float
+) -> OptimizeStatus | None:
+    """The status that ends the run after an iteration, if any: a non-finite gradient at the
+    accepted point, the callback (returning True or raising StopIteration), ``‖∇f‖ ≤ gtol``."""
+    if not math.isfinite(gnorm):
+        return OptimizeStatus.NON_FINITE
+    if callback is not None:
+        try:
+            if callback(prob.user(x)) is True:
+                return OptimizeStatus.CALLBACK
+        except StopIteration:
+            return OptimizeStatus.CALLBACK
+    return OptimizeStatus.SUCCESS if gnorm <= gtol else None
 
 
 def update_radius(radius: float, rho: float, sub: SteihaugResult, radius_max: float) -> float:
@@ -341,12 +348,8 @@ def _trust_ncg(prob, f, g, hess, radius, radius_max, eta, *, gtol, maxiter, M, c
         if rho > eta:
             x, f, g, hess = x_try, f_try, g_try, hess_try
             gnorm = float(torch.linalg.vector_norm(g))
-            if not math.isfinite(gnorm):
-                return x, f, g, k, OptimizeStatus.NON_FINITE
-        if _stop_requested(callback, prob, x):
-            return x, f, g, k, OptimizeStatus.CALLBACK
-        if gnorm <= gtol:
-            return x, f, g, k, OptimizeStatus.SUCCESS
+        if status := _stop(callback, prob, x, gnorm, gtol):
+            return x, f, g, k, status
     return x, f, g, maxiter, OptimizeStatus.MAX_ITERATIONS
 
 
@@ -358,9 +361,9 @@ def _newton_cg(prob, f, g, hess, *, gtol, maxiter, M, callback, cg_maxiter):
     """Nocedal & Wright Alg. 7.1 with Armijo backtracking (module docstring)."""
     x = prob.x0
     gnorm = float(torch.linalg.vector_norm(g))
+    if gnorm <= gtol:
+        return x, f, g, 0, OptimizeStatus.SUCCESS
     for k in range(1, maxiter + 1):
-        if gnorm <= gtol:
-            return x, f, g, k - 1, OptimizeStatus.SUCCESS
         cg = cg_solve(
             hess, -g, rtol=min(0.5, math.sqrt(gnorm)), maxiter=cg_maxiter, M=M,
             check_finite=False,
@@ -381,11 +384,7 @@ def _newton_cg(prob, f, g, hess, *, gtol, maxiter, M, callback, cg_maxiter):
             return x, f, g, k, OptimizeStatus.NO_PROGRESS
         x, f, g, hess = x + alpha * p, f_try, g_try, hess_try
         gnorm = float(torch.linalg.vector_norm(g))
-        if not math.isfinite(gnorm):
-            return x, f, g, k, OptimizeStatus.NON_FINITE
-        if _stop_requested(callback, prob, x):
-            return x, f, g, k, OptimizeStatus.CALLBACK
-    if gnorm <= gtol:
-        return x, f, g, maxiter, OptimizeStatus.SUCCESS
+        if status := _stop(callback, prob, x, gnorm, gtol):
+            return x, f, g, k, status
     return x, f, g, maxiter, OptimizeStatus.MAX_ITERATIONS
 
