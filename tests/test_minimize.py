@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import importlib
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
-import importlib
 from natgrad.minimize import OptimizeError, OptimizeStatus, minimize
 
 F64 = torch.float64

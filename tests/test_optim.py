@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from natgrad.optim import HessianFree, NaturalGradient, TrustRegionNewton, mean_kl
+from natgrad.optim.hessian_free import _Iterates
 
 F64 = torch.float64
 
@@ -294,3 +295,21 @@ def test_trust_region_newton_bad_input() -> None:
     with pytest.raises(ValueError, match="one param group"):
         TrustRegionNewton([{"params": model[0].parameters()},
                            {"params": model[2].parameters()}], model)
+
+
+def test_cg_iterate_backtracking_walks_back_while_the_loss_decreases() -> None:
+    kept = _Iterates(maxiter=10)
+    assert sorted(kept.marks) == [1, 2, 3, 4, 5, 7, 9]  # ⌈1.3ʲ⌉ ≤ 10 (Martens §4.6)
+    xs = {i: torch.full((2,), float(i), dtype=F64) for i in range(1, 11)}
+    for i in range(1, 11):
+        kept(type("It", (), {"iteration": i, "x": xs[i], "residual": -xs[i]})())
+    # f is smallest at x = 5: from the final iterate (10) back through 9, 7, 5, then 4 is worse.
+    losses = []
+
+    def f(x: Tensor) -> float:
+        losses.append(float(x[0]))
+        return float((x[0] - 5.0) ** 2)
+
+    x, r, fx = kept.backtrack(f, xs[10], -xs[10])
+    assert float(x[0]) == 5.0 and torch.equal(r, -xs[5]) and fx == 0.0
+    assert losses == [10.0, 9.0, 7.0, 5.0, 4.0]

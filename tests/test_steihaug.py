@@ -7,6 +7,7 @@ import doctest
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import natgrad.steihaug
 from natgrad.steihaug import SteihaugError, SteihaugStatus, steihaug_solve
@@ -197,8 +198,6 @@ def test_block_and_fixed_mode_match_per_column_solves() -> None:
 
 
 def test_fixed_mode_makes_no_host_sync() -> None:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     class NoItem(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten._local_scalar_dense.default:
