@@ -77,8 +77,9 @@ def _logistic_problem(seed: int, n: int = 300, d: int = 8):
 
 
 # ------------------------------------------------------------------- vs scipy
-def test_extended_rosenbrock_100_no_more_iterations_than_scipy() -> None:
-    x0 = _rosen_start(100)
+@pytest.mark.parametrize("n", [100, 10_000])
+def test_extended_rosenbrock_no_more_iterations_than_scipy(n: int) -> None:
+    x0 = _rosen_start(n)
     ref = scipy.optimize.minimize(
         _ext_rosen_np, x0, jac=True, hessp=_ext_rosen_hessp, method="trust-ncg",
         options={"gtol": 1e-8},
@@ -86,7 +87,7 @@ def test_extended_rosenbrock_100_no_more_iterations_than_scipy() -> None:
     res = minimize(extended_rosenbrock, torch.tensor(x0), method="trust-ncg", gtol=1e-8)
     assert ref.success and res.success and res.status is OptimizeStatus.SUCCESS
     assert res.nit <= ref.nit
-    torch.testing.assert_close(res.x, torch.ones(100, dtype=F64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(res.x, torch.ones(n, dtype=F64), rtol=0, atol=1e-8)
     assert float(res.grad.norm()) <= 1e-8
     assert res.nfev == res.njev == res.nit + 1  # one (f, ∇f) per trial point, plus x0
 

@@ -313,3 +313,57 @@ def test_cg_iterate_backtracking_walks_back_while_the_loss_decreases() -> None:
     x, r, fx = kept.backtrack(f, xs[10], -xs[10])
     assert float(x[0]) == 5.0 and torch.equal(r, -xs[5]) and fx == 0.0
     assert losses == [10.0, 9.0, 7.0, 5.0, 4.0]
+
+
+class _GaussianHead(nn.Module):
+    """x -> (mean, log_std) of a diagonal Gaussian, log_std a shared parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 2).double()
+        self.log_std = nn.Parameter(torch.zeros(2, dtype=F64))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.body(x), self.log_std
+
+
+def test_natural_gradient_diag_gaussian_regression_with_kl_trust_region() -> None:
+    g = _gen(7)
+    X = torch.randn(128, 3, dtype=F64, generator=g)
+    Y = X @ torch.randn(3, 2, dtype=F64, generator=g) + 0.1 * torch.randn(128, 2, dtype=F64,
+                                                                          generator=g)
+    model = _GaussianHead()
+    opt = NaturalGradient(model.parameters(), model, family="diag_gaussian", max_kl=0.02)
+
+    def closure() -> Tensor:
+        mean, log_std = model(X)
+        return -torch.distributions.Normal(mean, log_std.exp()).log_prob(Y).sum(-1).mean()
+
+    for _ in range(3):
+        with torch.no_grad():
+            old, before = model(X), float(closure())
+        opt.step(closure, X)
+        with torch.no_grad():
+            kl = float(mean_kl("diag_gaussian", old, model(X)))
+            assert float(closure()) < before
+        assert kl <= 0.02 and opt.state[model.log_std]["accepted"]
+
+
+def test_trust_region_newton_rejected_step_leaves_parameters_unchanged() -> None:
+    # A huge radius on a strongly non-quadratic loss: the first step overshoots (ρ ≤ η), so θ
+    # must stay bit for bit and the radius shrink.
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    x = torch.ones(1, 1, dtype=F64)
+    opt = TrustRegionNewton(model.parameters(), model, radius=100.0, max_radius=1000.0)
+
+    def closure() -> Tensor:
+        w = model(x)[0, 0]
+        return torch.log(torch.cosh(w))  # Newton overshoots from |w| > 1.09
+
+    before = model.weight.detach().clone()
+    opt.step(closure)
+    state = opt.state[model.weight]
+    assert state["rho"] <= 0.15 and torch.equal(model.weight.detach(), before)
+    assert state["radius"] < 100.0
