@@ -50,6 +50,7 @@ def renamed(new: str, new_value: Any, old: str, old_value: Any, where: str) -> A
 
 
 def check_delta(delta: Any) -> float:
+    """The trust-region radius ``δ`` as a float; ValueError unless a finite number ``> 0``."""
     if isinstance(delta, bool) or not isinstance(delta, int | float | Tensor):
         raise ValueError(f"delta must be a finite number > 0, got {delta!r}")
     delta = float(delta)
@@ -193,8 +194,8 @@ def line_search(
 
     If none qualifies, ``theta`` is a copy of ``θ_old`` (bit for bit), ``accepted`` is
     False and the status says why the smallest candidate failed (``NO_IMPROVEMENT``,
-    ``CONSTRAINT_VIOLATED`` or ``NON_FINITE``). The seed notes halve the step (``shrink=0.5``); 0.8 is
-    the common TRPO default. Functions are evaluated under ``torch.no_grad()``.
+    ``CONSTRAINT_VIOLATED`` or ``NON_FINITE``). The seed notes halve the step
+    (``shrink=0.5``); 0.8 is the common TRPO default. Functions are evaluated under ``torch.no_grad()``.
 
     Sequential (default): ``objective_fn(θ)`` and ``constraint_fn(θ)`` take a
     ``(n,)`` vector and return a scalar (float or 0-d tensor); evaluation stops at

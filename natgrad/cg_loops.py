@@ -96,10 +96,19 @@ def _allfinite(u: Tensor) -> Tensor:
     return torch.isfinite(u).all(dim=0)
 
 
-def _run(b: Tensor, x: Tensor, r: Tensor, rnorm: float, code: str, it: int, mv: int,
-         direction: Tensor | None = None, curvature: float = 0.0) -> Run:  # fmt: skip
+def _run(
+    b: Tensor,
+    x: Tensor,
+    r: Tensor,
+    rnorm: float,
+    code: str,
+    it: int,
+    mv: int,
+    direction: Tensor | None = None,
+    curvature: float = 0.0,
+) -> Run:
     """A :class:`Run` of a single vector from Python scalars (built once, at the end)."""
-    real = rnorm_dtype(b)
+    real = _real_dtype(b)
 
     def scalar(v: float, dtype: torch.dtype) -> Tensor:
         return torch.tensor(v, dtype=dtype, device=b.device)
@@ -117,7 +126,7 @@ def _run(b: Tensor, x: Tensor, r: Tensor, rnorm: float, code: str, it: int, mv: 
     )
 
 
-def rnorm_dtype(b: Tensor) -> torch.dtype:
+def _real_dtype(b: Tensor) -> torch.dtype:
     """The real dtype of norms and curvatures of ``b``'s dtype."""
     return b.real.dtype if b.is_complex() else b.dtype
 
@@ -209,7 +218,7 @@ def vector_cg(
 def _vector_iterate(
     i: int, x: Tensor, r: Tensor, p: Tensor, alpha: float, rnorm: float, active: bool
 ) -> CGIterate:
-    real = rnorm_dtype(x)
+    real = _real_dtype(x)
     return CGIterate(
         iteration=i,
         x=x,

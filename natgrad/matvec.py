@@ -19,13 +19,12 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from numbers import Real
 from typing import Any
 
 import numpy as np
-import scipy.sparse
-import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
@@ -82,9 +81,22 @@ def _check_output(name: str, fn: Matvec) -> Matvec:
     return checked
 
 
+def _is_scipy(A: Any) -> bool:
+    """A scipy sparse matrix or ``scipy.sparse.linalg.LinearOperator``, without importing scipy.
+
+    natgrad does not import scipy (half a second of ``import natgrad``): an object of scipy's
+    can only exist once the caller has imported it, so the modules are looked up, not loaded.
+    """
+    sparse = sys.modules.get("scipy.sparse")
+    linalg = sys.modules.get("scipy.sparse.linalg")
+    return (sparse is not None and sparse.issparse(A)) or (
+        linalg is not None and isinstance(A, linalg.LinearOperator)
+    )
+
+
 def _numpy_matvec(mat: Any, name: str, like: Tensor, like_name: str) -> Matvec:
     """Apply a numpy/scipy ``mat`` on the host; a complex ``mat`` needs a complex ``like``."""
-    if np.iscomplexobj(np.empty(0, dtype=mat.dtype)) and not like.dtype.is_complex:
+    if np.issubdtype(mat.dtype, np.complexfloating) and not like.dtype.is_complex:
         raise ValueError(
             f"{name} is complex ({mat.dtype}) but {like_name} is real ({like.dtype}): the "
             f"imaginary part would be lost; pass a complex {like_name} (e.g. "
@@ -131,7 +143,7 @@ def as_matvec(A: Any, like: Tensor, name: str = "A", like_name: str = "b") -> Ma
         check_shape(A.shape)
         check_dtype_device(A.dtype, A.device)
         return A.mv if like.ndim == 1 else A.mm
-    if isinstance(A, np.ndarray | scipy.sparse.linalg.LinearOperator) or scipy.sparse.issparse(A):
+    if isinstance(A, np.ndarray) or _is_scipy(A):
         check_shape(A.shape)
         return _numpy_matvec(A, name, like, like_name)
     if hasattr(A, "matvec") and hasattr(A, "shape"):
