@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 from natgrad.curvature_operator import CurvatureOperator
 from natgrad.params import ParamSpace
 
-__all__ = ["batch_args", "batch_size", "streamed_operator"]
+__all__ = ["batch_args", "batch_size", "one_batch_or_streamed", "streamed_operator"]
 
 
 def batch_args(batch: Any) -> tuple:
@@ -81,7 +81,8 @@ def streamed_operator(
     """``v -> Σ_b (n_b/N) build(batch_b) v``, one pass over ``data`` per product.
 
     The first batch's operator is built once here, so that every guard of
-    ``build`` fires at construction, then discarded.
+    ``build`` fires at construction, then discarded; later batches are checked
+    when a product reaches them.
 
     Args:
         space: The parameter space of every per-batch operator.
@@ -115,3 +116,21 @@ def streamed_operator(
         return acc.div_(total)
 
     return CurvatureOperator(apply, space, matmat=apply)
+
+
+def one_batch_or_streamed(
+    space: ParamSpace,
+    args: tuple,
+    data: Iterable[Any] | None,
+    build: Callable[[tuple], CurvatureOperator],
+) -> CurvatureOperator:
+    """``build(args)`` for one batch, else :func:`streamed_operator` over ``data``.
+
+    Raises:
+        ValueError: Both ``args`` and ``data`` are given.
+    """
+    if data is None:
+        return build(args)
+    if args:
+        raise ValueError("pass one batch as *args or an iterable of batches as data=, not both")
+    return streamed_operator(space, data, build)

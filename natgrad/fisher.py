@@ -20,41 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from natgrad.batches import streamed_operator
 from natgrad.curvature_operator import CurvatureOperator
-from natgrad.gauss_newton import (
-    categorical_fisher,
-    check_linearization,
-    custom_linearize,
-    gauss_newton_operator,
-    linearized,
-)
-from natgrad.guards import check_args, check_modules
-from natgrad.params import ParamSpace, detached_params
+from natgrad.gauss_newton import categorical_fisher, gauss_newton_curvature
 
 __all__ = ["FAMILIES", "fisher_operator"]
 
 #: Output distribution families understood by :func:`fisher_operator`.
 FAMILIES = ("categorical", "diag_gaussian", "multi_categorical", "bernoulli")
-
-
-def _batch_fisher(
-    dist_fn: Callable[..., Any],
-    space: ParamSpace,
-    primals: dict[str, Tensor],
-    args: tuple,
-    family: str,
-    linearization: str,
-) -> CurvatureOperator:
-    check_args(args, space.dtype, "states")
-
-    def fn(p: dict[str, Tensor]) -> Any:
-        return dist_fn(p, *args)
-
-    custom = custom_linearize(dist_fn, args)
-    outputs, j_fn, jt_fn = linearized(fn, primals, linearization, custom, "dist_fn")
-    apply_out = _FAMILY_FISHERS[family](outputs)
-    return gauss_newton_operator(space, apply_out, outputs, j_fn, jt_fn)
 
 
 def fisher_operator(
@@ -116,18 +88,9 @@ def fisher_operator(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    check_linearization(linearization)
-    space, primals = detached_params(params)
-    check_modules(dist_fn, "dist_fn")
-
-    def build(batch: tuple) -> CurvatureOperator:
-        return _batch_fisher(dist_fn, space, primals, batch, family, linearization)
-
-    if data is None:
-        return build(args)
-    if args:
-        raise ValueError("pass one batch as *args or an iterable of batches as data=, not both")
-    return streamed_operator(space, data, build)
+    return gauss_newton_curvature(
+        dist_fn, params, args, data, linearization, _FAMILY_FISHERS[family], "dist_fn", "states"
+    )
 
 
 def _like(z: list | tuple, items: list[Tensor]) -> list | tuple:

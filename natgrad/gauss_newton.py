@@ -46,7 +46,7 @@ inside the function (all at construction).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -54,15 +54,24 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from natgrad.backprop import vjp
+from natgrad.batches import one_batch_or_streamed
 from natgrad.curvature_operator import CurvatureOperator
-from natgrad.guards import no_dependence_error, tracked_outputs, translated_errors
-from natgrad.params import ParamSpace
+from natgrad.guards import (
+    check_args,
+    check_dependence,
+    check_modules,
+    no_dependence_error,
+    tracked_outputs,
+    translated_errors,
+)
+from natgrad.params import ParamSpace, detached_params
 
 __all__ = [
     "LINEARIZATIONS",
     "categorical_fisher",
     "check_linearization",
     "custom_linearize",
+    "gauss_newton_curvature",
     "gauss_newton_operator",
     "linearized",
     "tree_map",
@@ -122,12 +131,11 @@ def linearized(
         return tree_map(torch.Tensor.detach, outputs), jvp_fn, vjp_fn
     if linearization == "transpose":
         return _transpose_linearization(fn, primals, what)
-    depends: list[bool] = []
-    fn = tracked_outputs(fn, what, depends)
+    # torch.func sees a module's own nn.Parameters as dependent too: check on a
+    # plain autograd forward (one more forward and backward, for these opt-in methods).
+    _forward(fn, primals, what)
     with translated_errors(what):
         outputs, vjp_fn = torch.func.vjp(fn, primals)
-    if not depends[-1]:
-        raise no_dependence_error(what)
     if linearization == "linearize":
         with warnings.catch_warnings(), translated_errors(what):
             warnings.simplefilter("ignore", UserWarning)
@@ -141,6 +149,18 @@ def linearized(
         return vjp_fn(u)[0]
 
     return tree_map(torch.Tensor.detach, outputs), jvp_fn, vjp_only
+
+
+def _forward(
+    fn: TreeFn, primals: dict[str, Tensor], what: str, check: bool = True
+) -> tuple[Any, list[Tensor]]:
+    """``fn`` on fresh leaves requiring grad, with the checks of :mod:`natgrad.guards`."""
+    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
+    with torch.enable_grad(), translated_errors(what):
+        outputs = tracked_outputs(fn, what)(dict(zip(primals, leaves)))
+        if check:
+            check_dependence(tree_leaves(outputs), leaves, what)
+    return outputs, leaves
 
 
 def _transpose_linearization(
@@ -157,18 +177,16 @@ def _transpose_linearization(
     ``torch.autograd.grad``'s per-call checks (:mod:`natgrad.backprop`).
     """
     names = list(primals)
-    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
-    depends: list[bool] = []
-    with torch.enable_grad(), translated_errors(what):
-        outputs = tracked_outputs(fn, what, depends)(dict(zip(names, leaves)))
-        if not depends[-1]:
-            raise no_dependence_error(what)
-        flat_out, spec = tree_flatten(outputs)
-        # Outputs that do not depend on θ (a constant log σ) have J = 0: skipped.
-        live = [i for i, z in enumerate(flat_out) if z.requires_grad]
-        live_out = [flat_out[i] for i in live]
+    outputs, leaves = _forward(fn, primals, what, check=False)
+    flat_out, spec = tree_flatten(outputs)
+    # Outputs that do not depend on θ (a constant log σ) have J = 0: skipped.
+    live = [i for i, z in enumerate(flat_out) if z.requires_grad]
+    live_out = [flat_out[i] for i in live]
+    with torch.enable_grad():
         u0 = [torch.zeros_like(z, requires_grad=True) for z in live_out]
-        jt_u0 = vjp(live_out, leaves, u0, create_graph=True)
+        jt_u0 = vjp(live_out, leaves, u0, create_graph=True) if live else []
+    if all(g is None for g in jt_u0):
+        raise no_dependence_error(what)
     # Parameters whose Jᵀu₀ depends on u₀ (the others have J = 0 columns).
     recorded = [(n, g) for n, g in zip(names, jt_u0) if g is not None and g.requires_grad]
 
@@ -205,6 +223,39 @@ def gauss_newton_operator(
         return ravel(jt_fn(u))
 
     return CurvatureOperator(matvec, space, outputs=outputs, vjp=vjp)
+
+
+def gauss_newton_curvature(
+    fn: Callable[..., Any],
+    params: Mapping[str, Tensor],
+    args: tuple,
+    data: Iterable[Any] | None,
+    linearization: str,
+    output_curvature: Callable[[Any], TreeFn],
+    what: str,
+    args_name: str = "args",
+) -> CurvatureOperator:
+    """``Jᵀ M J`` of ``z = fn(θ, *batch)`` on one batch or streamed over ``data``.
+
+    The shared body of :func:`~natgrad.ggn_operator` and :func:`~natgrad.fisher_operator`:
+    the checks of :mod:`natgrad.guards`, the linearisation, and ``M =
+    output_curvature(z)`` (a map ``t -> M t`` built from the detached outputs).
+    """
+    check_linearization(linearization)
+    space, primals = detached_params(params)
+    check_modules(fn, what)
+
+    def build(batch: tuple) -> CurvatureOperator:
+        check_args(batch, space.dtype, args_name)
+
+        def call(p: dict[str, Tensor]) -> Any:
+            return fn(p, *batch)
+
+        custom = custom_linearize(fn, batch)
+        outputs, j_fn, jt_fn = linearized(call, primals, linearization, custom, what)
+        return gauss_newton_operator(space, output_curvature(outputs), outputs, j_fn, jt_fn)
+
+    return one_batch_or_streamed(space, args, data, build)
 
 
 def categorical_fisher(logits: Tensor, B: int) -> Callable[[Tensor], Tensor]:

@@ -13,17 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from natgrad.batches import streamed_operator
 from natgrad.curvature_operator import CurvatureOperator
-from natgrad.gauss_newton import (
-    categorical_fisher,
-    check_linearization,
-    custom_linearize,
-    gauss_newton_operator,
-    linearized,
-)
-from natgrad.guards import check_args, check_modules
-from natgrad.params import ParamSpace, detached_params
+from natgrad.gauss_newton import categorical_fisher, gauss_newton_curvature
 
 __all__ = ["ggn_operator"]
 
@@ -52,25 +43,6 @@ def _output_hessian(outputs: Any, output_hessian: OutputHessian) -> Callable[[An
         return categorical_fisher(z, z.shape[0])
     user_fn = output_hessian
     return lambda t: user_fn(outputs, t)
-
-
-def _batch_ggn(
-    model_fn: Callable[..., Any],
-    space: ParamSpace,
-    primals: dict[str, Tensor],
-    args: tuple,
-    output_hessian: OutputHessian,
-    linearization: str,
-) -> CurvatureOperator:
-    check_args(args, space.dtype)
-
-    def fn(p: dict[str, Tensor]) -> Any:
-        return model_fn(p, *args)
-
-    custom = custom_linearize(model_fn, args)
-    outputs, j_fn, jt_fn = linearized(fn, primals, linearization, custom, "model_fn")
-    apply_out = _output_hessian(outputs, output_hessian)
-    return gauss_newton_operator(space, apply_out, outputs, j_fn, jt_fn)
 
 
 def ggn_operator(
@@ -130,15 +102,12 @@ def ggn_operator(
         )
     if not (isinstance(output_hessian, str) or callable(output_hessian)):
         raise ValueError(f"output_hessian must be a string or a callable, got {output_hessian!r}")
-    check_linearization(linearization)
-    space, primals = detached_params(params)
-    check_modules(model_fn, "model_fn")
-
-    def build(batch: tuple) -> CurvatureOperator:
-        return _batch_ggn(model_fn, space, primals, batch, output_hessian, linearization)
-
-    if data is None:
-        return build(args)
-    if args:
-        raise ValueError("pass one batch as *args or an iterable of batches as data=, not both")
-    return streamed_operator(space, data, build)
+    return gauss_newton_curvature(
+        model_fn,
+        params,
+        args,
+        data,
+        linearization,
+        lambda outputs: _output_hessian(outputs, output_hessian),
+        "model_fn",
+    )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,8 +31,11 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_leaves
 
+from natgrad.backprop import vjp
+
 __all__ = [
     "check_args",
+    "check_dependence",
     "check_modules",
     "no_dependence_error",
     "tracked_outputs",
@@ -59,22 +63,33 @@ def check_args(args: tuple, dtype: torch.dtype, what: str = "args") -> None:
                 )
 
 
-def _reachable_modules(fn: Any) -> Iterator[torch.nn.Module]:
-    """nn.Modules a function can see: itself, ``__self__``, closure cells, globals it names."""
+def _reachable_modules(fn: Any, depth: int = 3, seen: set[int] | None = None) -> Iterator[Any]:
+    """nn.Modules a function can see: itself, ``__self__``, closure cells, globals it names.
+
+    Functions found there are followed too, ``depth`` levels deep (a loss that calls
+    a model function that closes over the module).
+    """
+    seen = set() if seen is None else seen
+    if id(fn) in seen or depth < 0:
+        return
+    seen.add(id(fn))
     if isinstance(fn, functools.partial):
-        yield from _reachable_modules(fn.func)
-        candidates: list[Any] = [*fn.args, *fn.keywords.values()]
+        candidates: list[Any] = [fn.func, *fn.args, *fn.keywords.values()]
     else:
-        candidates = [fn, getattr(fn, "__self__", None)]
+        candidates = [getattr(fn, "__self__", None)]
         for cell in getattr(fn, "__closure__", None) or ():
             with contextlib.suppress(ValueError):  # an empty cell
                 candidates.append(cell.cell_contents)
         code, env = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
         if code is not None:
             candidates.extend(env.get(name) for name in code.co_names)
+    if isinstance(fn, torch.nn.Module):
+        yield fn
     for obj in candidates:
         if isinstance(obj, torch.nn.Module):
             yield obj
+        elif isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)):
+            yield from _reachable_modules(obj, depth - 1, seen)
 
 
 def check_modules(fn: Any, what: str) -> None:
@@ -103,6 +118,24 @@ def check_modules(fn: Any, what: str) -> None:
                 )
 
 
+def check_dependence(outputs: list[Tensor], leaves: list[Tensor], what: str) -> None:
+    """Raise unless some output is reachable from ``leaves`` in the autograd graph.
+
+    ``requires_grad`` alone is not enough: a model called as ``model(x)`` uses its
+    own ``nn.Parameter`` objects, which require grad, instead of ``leaves``. One
+    backward with zero cotangents, discarded; ``None`` means unreachable.
+
+    Raises:
+        ValueError: No output depends on any leaf (:func:`no_dependence_error`).
+    """
+    live = [z for z in outputs if z.requires_grad]
+    if live:
+        zeros = [torch.zeros_like(z) for z in live]
+        if any(p is not None for p in vjp(live, leaves, zeros)):
+            return
+    raise no_dependence_error(what)
+
+
 def no_dependence_error(what: str) -> ValueError:
     """The error for a function whose outputs do not depend on the parameters."""
     return ValueError(
@@ -113,12 +146,8 @@ def no_dependence_error(what: str) -> ValueError:
     )
 
 
-def tracked_outputs(fn: Callable[..., Any], what: str, depends: list[bool]) -> Callable:
-    """``fn`` that checks its outputs are tensors and records whether any depends on params.
-
-    Run inside a torch.func transform (or with leaves requiring grad), an
-    output depends on the parameters iff it ``requires_grad``; the flag is
-    appended to ``depends`` at each call.
+def tracked_outputs(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """``fn`` that checks that its outputs are tensors.
 
     Raises (when called):
         TypeError: An output is not a tensor (e.g. a numpy array).
@@ -126,15 +155,13 @@ def tracked_outputs(fn: Callable[..., Any], what: str, depends: list[bool]) -> C
 
     def wrapped(*a: Any) -> Any:
         out = fn(*a)
-        leaves = tree_leaves(out)
-        for leaf in leaves:
+        for leaf in tree_leaves(out):
             if not isinstance(leaf, Tensor):
                 raise TypeError(
                     f"{what} must return torch tensors (or a list/tuple of them), got "
                     f"{type(leaf).__module__}.{type(leaf).__name__}: keep the computation in "
                     "torch (no .numpy()/.tolist()) so that it can be differentiated"
                 )
-        depends.append(any(leaf.requires_grad for leaf in leaves))
         return out
 
     return wrapped

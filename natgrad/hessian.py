@@ -33,7 +33,7 @@ rebuilds each batch's gradient graph, one pass over the data per product.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -41,9 +41,14 @@ from torch import Tensor
 from torch.func import grad, jvp
 
 from natgrad.backprop import vjp
-from natgrad.batches import streamed_operator
+from natgrad.batches import one_batch_or_streamed
 from natgrad.curvature_operator import CurvatureOperator, zero_operator
-from natgrad.guards import check_args, check_modules, no_dependence_error, translated_errors
+from natgrad.guards import (
+    check_args,
+    check_modules,
+    no_dependence_error,
+    translated_errors,
+)
 from natgrad.params import ParamSpace, detached_params
 
 __all__ = [
@@ -75,17 +80,33 @@ def _flat(parts: tuple[Tensor | None, ...], like: list[Tensor]) -> Tensor:
     return flat[0] if len(flat) == 1 else torch.cat(flat)
 
 
-def _double_backprop(
+def _gradient_graph(
     loss: Loss, space: ParamSpace, primals: dict[str, Tensor], what: str
-) -> tuple[Tensor, Tensor, CurvatureOperator]:
-    """``(L, ∇L, H)`` from one forward and one ``create_graph`` backward; see the module doc."""
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``(L, ∇L, leaves)``: ``∇L`` flat, with its graph (``create_graph=True``).
+
+    Raises:
+        ValueError: ``L`` is not a scalar or does not depend on the leaves.
+        TypeError: ``L`` is not a tensor, or numpy conversion inside ``loss``.
+    """
     leaves = [p.detach().requires_grad_(True) for p in primals.values()]
     # enable_grad: the graph must be built even when the caller runs under no_grad.
     with torch.enable_grad(), translated_errors(what):
         value = _scalar(loss(dict(zip(space.names, leaves))), what)
         if not value.requires_grad:
             raise no_dependence_error(what)
-        g = _flat(torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True), leaves)
+        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        if all(g is None for g in grads):  # e.g. model(x) using its own nn.Parameters
+            raise no_dependence_error(what)
+        return value, _flat(grads, leaves), leaves
+
+
+def _double_backprop(
+    loss: Loss, space: ParamSpace, primals: dict[str, Tensor], what: str
+) -> tuple[Tensor, Tensor, CurvatureOperator]:
+    """``(L, ∇L, H)`` from one forward and one ``create_graph`` backward; see the module doc."""
+    value, g, leaves = _gradient_graph(loss, space, primals, what)
+    _check_twice_differentiable(value, g, what)
     if not g.requires_grad:
         # L is at most linear in θ: H = 0 (a legitimate answer, unlike a constant L).
         return value.detach(), g, zero_operator(space)
@@ -125,15 +146,83 @@ def _double_backprop(
     return value.detach(), g.detach(), CurvatureOperator(matvec, space, matmat=matmat)
 
 
+def _graph_nodes(out: Tensor) -> Iterator[Any]:
+    """Every autograd node in the graph of ``out``."""
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+class _OnceDifferentiableError(ValueError):
+    """A once-differentiable backward in the graph; ``recoverable``: forward-over-reverse works."""
+
+    def __init__(self, message: str, recoverable: bool) -> None:
+        super().__init__(message)
+        self.recoverable = recoverable
+
+
+def _check_twice_differentiable(value: Tensor, g: Tensor, what: str) -> None:
+    """Refuse a gradient graph that silently drops a once-differentiable backward.
+
+    A custom ``autograd.Function`` whose backward is ``@once_differentiable`` runs
+    that backward without a graph. Two cases, both detected here by walking the
+    graph once per construction:
+
+    * its incoming gradient is constant: its contribution to ``∇L`` is then
+      constant, ``∇L`` may not require grad at all and ``H`` would be 0.
+      Forward-over-reverse is exact here (given the Function's ``jvp``), and
+      ``method="auto"`` switches to it;
+    * its incoming gradient depends on ``θ``: torch routes the contribution
+      through an ``Error`` node, which it prunes, without raising, when
+      differentiating with respect to the parameters only, and torch.func drops
+      the tangent in the same place: no method is exact, so this always raises.
+
+    Raises:
+        _OnceDifferentiableError: (a ``ValueError``) such a Function is in the graph.
+    """
+    if g.requires_grad:
+        if any(node.name() == "torch::autograd::Error" for node in _graph_nodes(g)):
+            raise _OnceDifferentiableError(
+                f"{what} uses a custom autograd Function whose backward is not twice "
+                "differentiable (@once_differentiable) on a gradient that depends on θ: torch "
+                "silently drops its second-order term in every HVP method. Give the Function "
+                "a differentiable backward (remove @once_differentiable)",
+                recoverable=False,
+            )
+        return
+    names = {
+        type(node).__name__.removesuffix("Backward")
+        for node in _graph_nodes(value)
+        if isinstance(node, torch.autograd.function.BackwardCFunction)
+    }
+    if names:
+        raise _OnceDifferentiableError(
+            f"{what} uses the custom autograd Function(s) {sorted(names)}, whose backward may "
+            "not be twice differentiable (@once_differentiable), so double backprop may give "
+            "H = 0 wrongly: use method='forward_over_reverse' (needs the Function's jvp), or "
+            "give the Function a differentiable backward",
+            recoverable=True,
+        )
+
+
 def _forward_over_reverse(
     loss: Loss, space: ParamSpace, primals: dict[str, Tensor], what: str
 ) -> CurvatureOperator:
     """``H v = jvp(grad L)(v)``; nothing is kept between products (see the module doc)."""
-    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
-    with torch.enable_grad(), translated_errors(what):
-        # One forward at construction so that a bad loss fails here, not in CG.
-        if not _scalar(loss(dict(zip(space.names, leaves))), what).requires_grad:
-            raise no_dependence_error(what)
+    # One forward and backward at construction, so that a bad loss fails here, not in
+    # CG, and a once-differentiable backward that no method can handle is refused.
+    value, g, _ = _gradient_graph(loss, space, primals, what)
+    try:
+        _check_twice_differentiable(value, g, what)
+    except _OnceDifferentiableError as e:
+        if not e.recoverable:  # the recoverable case is the one this method handles
+            raise
+    del value, g
     grad_fn = grad(lambda p: _scalar(loss(p), what))
     unravel, ravel = space.unravel, space.ravel
     fallback: list[CurvatureOperator] = []
@@ -157,12 +246,20 @@ def _forward_over_reverse(
 def _auto(
     loss: Loss, space: ParamSpace, primals: dict[str, Tensor], what: str
 ) -> CurvatureOperator:
-    """Double backprop; forward-over-reverse if its first product fails (no double backward).
+    """Double backprop; forward-over-reverse when double backprop cannot run.
 
-    The first product decides, then installs the chosen method's own closures in
-    the returned operator, so later products pay no extra dispatch.
+    That is: its construction finds a custom Function that left ``∇L``
+    constant (see :func:`_double_backprop`), or its first product fails (an op
+    without a double-backward formula). The first product then installs the
+    chosen method's own closures in the returned operator, so later products pay
+    no extra dispatch.
     """
-    primary = _double_backprop(loss, space, primals, what)[2]
+    try:
+        primary = _double_backprop(loss, space, primals, what)[2]
+    except _OnceDifferentiableError as e:
+        if not e.recoverable:
+            raise
+        return _forward_over_reverse(loss, space, primals, what)
 
     def first(v: Tensor) -> Tensor:
         try:
@@ -233,12 +330,8 @@ def hessian_operator(
         raise ValueError(f"method must be one of {HESSIAN_METHODS}, got {method!r}")
     space, primals = detached_params(params)
     check_modules(loss_fn, "loss_fn")
-    if data is None:
-        return _batch_hessian(loss_fn, space, primals, args, method)
-    if args:
-        raise ValueError("pass one batch as *args or an iterable of batches as data=, not both")
-    return streamed_operator(
-        space, data, lambda batch: _batch_hessian(loss_fn, space, primals, batch, method)
+    return one_batch_or_streamed(
+        space, args, data, lambda batch: _batch_hessian(loss_fn, space, primals, batch, method)
     )
 
 

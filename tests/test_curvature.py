@@ -562,3 +562,35 @@ def test_custom_linearization_uses_the_functions_own_products():
     torch.testing.assert_close(fisher.to_dense(), fisher_ref.to_dense(), rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="linearize"):
         ggn_operator(lambda p, x: functional_call(net, p, (x,)), params, x, linearization="custom")
+
+
+def test_first_operators_in_a_process_do_not_import_heavy_modules():
+    # The first operator built in a process used to take 1.5-1.8 s: torch.func's first
+    # transform imports torch._dynamo, and autograd.grad's first tensor grad_outputs imports
+    # sympy. Neither is needed by the default paths; a structural check (no timing).
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys, torch, natgrad
+        from torch.func import functional_call
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        p = {k: v.detach() for k, v in net.named_parameters()}
+        x = torch.randn(8, 3)
+        f = lambda p, x: functional_call(net, p, (x,))
+        v = torch.ones(sum(t.numel() for t in p.values()))
+        natgrad.hessian_operator(lambda p, x: f(p, x).pow(2).mean(), p, x) @ v
+        natgrad.ggn_operator(f, p, x) @ v
+        natgrad.fisher_operator(f, p, x, family="categorical") @ v
+        natgrad.value_grad_hessian(lambda w: (w ** 4).sum(), torch.ones(3))[2] @ torch.ones(3)
+        heavy = [m for m in ("torch._dynamo", "sympy") if m in sys.modules]
+        print(heavy)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

@@ -123,3 +123,106 @@ def test_mse_loss_never_crashes_the_process():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "ok"
+
+
+class Cube(torch.autograd.Function):
+    """x³ with a backward that cannot be differentiated again, and a forward-mode rule."""
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * t
+
+
+def test_auto_uses_forward_over_reverse_when_a_once_differentiable_backward_leaves_a_constant_gradient():
+    # Naive double backprop returns H = 0 here: the backward of Cube runs without a graph.
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
+    dense = hessian(lambda t: (t**3).sum())(x)
+    op = hessian_operator(lambda p: Cube.apply(p["x"]).sum(), {"x": x})
+    torch.testing.assert_close(op.to_dense(), dense, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="forward_over_reverse"):
+        hessian_operator(lambda p: Cube.apply(p["x"]).sum(), {"x": x}, method="double_backprop")
+    with pytest.raises(ValueError, match="once_differentiable"):
+        value_grad_hessian(lambda x: Cube.apply(x).sum(), x)
+
+
+@pytest.mark.parametrize("method", HESSIAN_METHODS)
+def test_a_once_differentiable_backward_on_a_dependent_gradient_is_refused(method):
+    # torch prunes the Error node of the once-differentiable backward when differentiating
+    # for the parameters only: a naive double backprop silently gives a wrong, non-symmetric H.
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
+    with pytest.raises(ValueError, match="silently drops"):
+        hessian_operator(
+            lambda p: Cube.apply(p["x"]).sum() * (p["x"] ** 2).sum(), {"x": x}, method=method
+        ) @ x
+
+
+class SquareGrad(torch.autograd.Function):
+    """2 x g, the backward of Square: forward-mode rule only, no backward of its own."""
+
+    @staticmethod
+    def forward(x, g):
+        return 2 * x * g
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, tx, tg):
+        x, g = ctx.saved_tensors
+        return 2 * (tx * g + x * tg)
+
+
+class Square(torch.autograd.Function):
+    """x² whose backward (SquareGrad) cannot be backpropagated, but can be forward-differentiated."""
+
+    @staticmethod
+    def forward(x):
+        return x**2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return SquareGrad.apply(x, g)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 2 * x * t
+
+
+def test_auto_falls_back_when_the_first_product_fails():
+    # The first double-backward product raises (SquareGrad has no backward); auto
+    # switches to forward-over-reverse for that product and all later ones.
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
+
+    def f(p):
+        return Square.apply(p["x"]).sum() * p["x"].sum()
+
+    dense = hessian(lambda t: (t**2).sum() * t.sum())(x)
+    with pytest.raises(NotImplementedError, match="backward"):
+        hessian_operator(f, {"x": x}, method="double_backprop") @ x
+    op = hessian_operator(f, {"x": x})
+    torch.testing.assert_close(op @ x, dense @ x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(op.to_dense(), dense, rtol=1e-12, atol=1e-14)

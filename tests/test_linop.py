@@ -188,3 +188,106 @@ def test_to_scipy_from_float32_operator_returns_float64():
 
 def test_docstring_examples():
     assert doctest.testmod(natgrad.linop).failed == 0
+
+
+# ------------------------------------------------------------------ operator algebra
+def rect(m, n, seed=0, dtype=DT):
+    return torch.randn(m, n, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def test_composition_transpose_and_to_dense_of_compositions():
+    A, B, C = rect(4, 3, 0), rect(3, 5, 1), rect(5, 5, 2)
+    a, b, c = (LinearOperator.from_matrix(M) for M in (A, B, C))
+    ab = a @ b
+    assert ab.shape == (4, 5)
+    torch.testing.assert_close(ab.to_dense(), A @ B, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(ab.T.to_dense(), (A @ B).T, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close((a @ b @ c).to_dense(), A @ B @ C, rtol=1e-13, atol=1e-13)
+    expr = 2.0 * (b @ c).T @ a.T - (c.T @ b.T @ a.T) / 4 + -(b.T @ a.T)
+    ref = 2.0 * (B @ C).T @ A.T - (C.T @ B.T @ A.T) / 4 - B.T @ A.T
+    torch.testing.assert_close(expr.to_dense(), ref, rtol=1e-12, atol=1e-12)
+    v, U = rect(5, 1, 3)[:, 0], rect(2, 4, 4)
+    torch.testing.assert_close(ab @ v, A @ (B @ v), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(U @ ab, U @ A @ B, rtol=1e-13, atol=1e-13)  # rows from the left
+    with pytest.raises(ValueError, match="inner sizes"):
+        a @ a
+    with pytest.raises(ValueError, match="must be"):
+        a @ LinearOperator.from_matrix(B.float())
+
+
+def test_adjoint_without_rmatvec_by_autodiff_real_and_complex():
+    # A matvec-only operator still has an exact adjoint/transpose (autodiff of matvec).
+    for dtype in (DT, torch.complex128):
+        A = rect(4, 3, 5, dtype)
+        op = LinearOperator(A.__matmul__, (4, 3), dtype, "cpu")
+        torch.testing.assert_close(op.H.to_dense(), A.mH, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(op.T.to_dense(), A.T, rtol=1e-13, atol=1e-13)
+        assert op.H.H is op
+    frozen = LinearOperator(lambda v: (A.real @ v).detach(), (4, 3), DT, "cpu")
+    with pytest.raises(TypeError, match="rmatvec"):
+        frozen.T @ torch.ones(4, dtype=DT)
+
+
+def test_complex_hermitian_and_scalars():
+    M = rect(3, 3, 6, torch.complex128)
+    Hm = M + M.mH
+    h = LinearOperator(Hm.mv, (3, 3), torch.complex128, "cpu", hermitian=True)
+    assert h.H is h and (2.0 * h).H is not None
+    torch.testing.assert_close(h.T.to_dense(), Hm.T, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(((1 + 2j) * h).to_dense(), (1 + 2j) * Hm, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(((1 + 2j) * h).H.to_dense(), (1 - 2j) * Hm, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="real"):
+        (1j) * LinearOperator.from_matrix(spd(3))
+    with pytest.raises(ValueError, match="finite"):
+        float("nan") * h
+    with pytest.raises(ValueError, match="non-zero"):
+        h / 0
+
+
+def test_sum_of_operators_and_subtraction():
+    mats = [spd(4, s) for s in range(3)]
+    ops = [LinearOperator.from_matrix(M) for M in mats]
+    torch.testing.assert_close(sum(ops).to_dense(), sum(mats), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close((ops[0] - ops[1]).to_dense(), mats[0] - mats[1])
+    assert (ops[0] + ops[1]).H.shape == (4, 4)
+    sym = LinearOperator.from_matrix(mats[0])
+    sym_sum = LinearOperator(mats[0].mv, (4, 4), DT, "cpu", hermitian=True) + LinearOperator.identity(
+        4, DT
+    )
+    assert sym_sum.H is sym_sum and sym.H is not sym
+
+
+def test_from_scipy_matrices_and_operators():
+    import scipy.sparse as sp
+
+    A = np.random.default_rng(0).standard_normal((5, 4))
+    S = sp.random(5, 4, density=0.5, random_state=0, format="csr")
+    Z = A + 1j * np.random.default_rng(1).standard_normal((5, 4))
+    for src, ref in [(A, A), (S, S.toarray()), (spla.aslinearoperator(S), S.toarray()), (Z, Z)]:
+        op = LinearOperator.from_scipy(src)
+        assert op.shape == (5, 4)
+        np.testing.assert_allclose(op.to_dense().numpy(), ref, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(op.H.to_dense().numpy(), ref.conj().T, rtol=1e-13, atol=1e-13)
+    assert LinearOperator.from_scipy(Z).dtype == torch.complex128
+    assert LinearOperator.from_scipy(A, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="complex"):
+        LinearOperator.from_scipy(Z, dtype=DT)
+    with pytest.raises(ValueError, match="2-D"):
+        LinearOperator.from_scipy(np.ones(3))
+
+
+def test_to_scipy_keeps_complex_values_and_has_rmatvec():
+    Z = rect(4, 4, 8, torch.complex128)
+    sop = LinearOperator.from_matrix(Z).to_scipy()
+    assert sop.dtype == np.complex128
+    x = np.arange(4) + 1j
+    np.testing.assert_allclose(sop.matvec(x), Z.numpy() @ x, rtol=1e-13)
+    np.testing.assert_allclose(sop.rmatvec(x), Z.numpy().conj().T @ x, rtol=1e-13)
+
+
+def test_block_with_a_vector_only_callable():
+    # torch.dot only accepts vectors: a block (n, k) is applied column by column.
+    A = spd(4)
+    op = LinearOperator(lambda v: torch.stack([torch.dot(r, v) for r in A]), (4, 4), DT, "cpu")
+    V = rect(4, 3, 9)
+    torch.testing.assert_close(op @ V, A @ V, rtol=1e-13, atol=1e-13)
