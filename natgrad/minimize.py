@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -250,7 +251,7 @@ def minimize(
     prob = _Problem(fun, x0, tuple(args), hvp)
     n = prob.space.numel
     maxiter = 200 * n if maxiter is None else maxiter
-    if isinstance(maxiter, bool) or int(maxiter) != maxiter or maxiter < 0:
+    if isinstance(maxiter, bool) or not isinstance(maxiter, Integral) or maxiter < 0:
         raise ValueError(f"maxiter must be an int >= 0, got {maxiter!r}")
     f, g, hess = prob.evaluate(prob.x0)
     if not bool(torch.isfinite(f) & torch.isfinite(g).all()):

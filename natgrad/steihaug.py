@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -249,7 +250,7 @@ def steihaug_solve(
     atol = _check_tolerance("atol", atol)
     if maxiter is None:
         maxiter = max(10 * g.shape[0], 1)
-    if isinstance(maxiter, bool) or int(maxiter) != maxiter or maxiter < 1:
+    if isinstance(maxiter, bool) or not isinstance(maxiter, Integral) or maxiter < 1:
         raise ValueError(f"maxiter must be an int >= 1, got {maxiter!r}")
     maxiter = int(maxiter)
     if check_finite:

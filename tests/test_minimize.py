@@ -232,6 +232,8 @@ def test_bad_input_raises_clear_errors() -> None:
         minimize(lambda x: (x**2).sum(), x0, initial_trust_radius=10.0, max_trust_radius=1.0)
     with pytest.raises(ValueError, match="eta"):
         minimize(lambda x: (x**2).sum(), x0, eta=0.5)
+    with pytest.raises(ValueError, match="maxiter"):
+        minimize(lambda x: (x**2).sum(), x0, maxiter=2.5)
     with pytest.raises(ValueError, match="gtol"):
         minimize(lambda x: (x**2).sum(), x0, gtol=-1.0)
     with pytest.raises(TypeError, match="x0"):

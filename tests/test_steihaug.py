@@ -240,6 +240,8 @@ def test_bad_inputs_raise() -> None:
         steihaug_solve(eye, torch.tensor([1.0, float("nan")], dtype=F64), 1.0)
     with pytest.raises(ValueError, match="maxiter"):
         steihaug_solve(eye, torch.ones(2, dtype=F64), 1.0, maxiter=0)
+    with pytest.raises(ValueError, match="maxiter"):
+        steihaug_solve(eye, torch.ones(2, dtype=F64), 1.0, maxiter=float("inf"))
     with pytest.raises(ValueError, match="rtol"):
         steihaug_solve(eye, torch.ones(2, dtype=F64), 1.0, rtol=-1.0)
     with pytest.raises(ValueError, match="shape"):
