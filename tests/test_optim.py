@@ -48,16 +48,19 @@ def _mlp(seed: int, d: int = 5, k: int = 3, h: int = 8) -> nn.Module:
 
 
 # ------------------------------------------------------------------ HessianFree
-def test_hessian_free_first_step_is_damped_gauss_newton_step() -> None:
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_hessian_free_first_step_is_damped_gauss_newton_step(preconditioned: bool) -> None:
     # Linear model + MSE: the GGN is 2XᵀX/N (exact), so with decay=0 (no warm start),
-    # tight CG and a quadratic loss the step is exactly −(G + λI)⁻¹g (ρ = 1, α = 1).
+    # tight CG and a quadratic loss the step is exactly −(G + λI)⁻¹g (ρ = 1, α = 1); a
+    # preconditioner changes the CG path, not the solution.
     g = _gen(1)
     X = torch.randn(50, 4, dtype=F64, generator=g)
     Y = torch.randn(50, 2, dtype=F64, generator=g)
     model = nn.Linear(4, 2, bias=False).double()
     theta0 = model.weight.detach().clone()
+    d = torch.linspace(0.5, 2.0, 8, dtype=F64)
     opt = HessianFree(model.parameters(), model, loss="mse", damping=0.5, decay=0.0,
-                      cg_rtol=1e-12)
+                      cg_rtol=1e-12, preconditioner=(lambda r: r / d) if preconditioned else None)
     opt.step(lambda: nn.functional.mse_loss(model(X), Y), X)
 
     def f(w: Tensor) -> Tensor:
