@@ -283,8 +283,9 @@ def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter) -> 
 
     Tolerance mode synchronises every iteration anyway, so reading ``dᵀq``, ``‖r‖`` and
     ``rᵀz`` as floats costs nothing extra and replaces the ~40 small masked kernels per
-    iteration of :func:`_tensor_loop` by five vector operations (the per-iteration
-    overhead decides the speed of small problems). Same iteration, same results.
+    iteration of :func:`_tensor_loop` by five vector kernels (``dᵀq``, two axpys, ``rᵀr``,
+    the new direction) and two reads: the per-iteration overhead decides the speed of small
+    problems. Same iteration, same results.
     """
     S = SteihaugStatus
     rad2 = float(rad) ** 2
@@ -306,7 +307,7 @@ def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter) -> 
     while status is S.MAX_ITERATIONS and matvecs < maxiter:
         q = matvec(d)
         matvecs += 1
-        dq = float(_dot(d, q))
+        dq = float(torch.dot(d, q))
         alpha = rz / dq if dq > 0 else 0.0
         pmp_next = pmp + 2 * alpha * pmd + alpha * alpha * dmd
         if not math.isfinite(dq):
@@ -321,16 +322,16 @@ def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter) -> 
         else:
             # Fused axpys (one kernel each): the per-iteration overhead decides small problems.
             p_next, r_next = torch.add(p, d, alpha=alpha), torch.sub(r, q, alpha=alpha)
-            rnorm = float(_colnorm(r_next))
-            if not math.isfinite(rnorm):
+            rr = float(torch.dot(r_next, r_next))  # ‖r‖² (and rᵀz without M): one kernel
+            if not math.isfinite(rr):
                 status = S.NON_FINITE
                 break
             p, r, pmp, iterations = p_next, r_next, pmp_next, iterations + 1
-            if rnorm <= tol:
+            if math.sqrt(rr) <= tol:
                 status = S.CONVERGED
                 break
             z = r if precond is None else precond(r)
-            rz_next = float(_dot(r, z))
+            rz_next = rr if precond is None else float(torch.dot(r, z))
             if not math.isfinite(rz_next):
                 status = S.NON_FINITE
             elif rz_next <= 0:
