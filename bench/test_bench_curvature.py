@@ -14,7 +14,10 @@ a 64-32-32-10 tanh MLP under cross-entropy; float64, ``N = BENCH_CURV_N``, defau
 Run::
 
     python -m pytest bench/test_bench_curvature.py --benchmark-only --benchmark-group-by=func
+    python -m pytest bench/test_bench_curvature.py -k within -s -p no:randomly  # the 1.2x goal
     BENCH_CURV_N=200 python -m pytest bench/test_bench_curvature.py -q   # quick check
+
+(``--benchmark-only`` skips the 1.2× check, which times interleaved rounds itself.)
 """
 
 from __future__ import annotations

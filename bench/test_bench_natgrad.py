@@ -88,7 +88,7 @@ def test_fvp_kl_double_backprop(bench, problem):
 
 def test_hvp_forward_over_reverse(bench, problem):
     p = problem
-    op = hessian_operator(p.mean_kl, p.params, p.obs)
+    op = hessian_operator(p.mean_kl, p.params, p.obs, method="forward_over_reverse")
     v = _vector(p)
     bench("hvp_fwd_rev", lambda: op @ v)
 

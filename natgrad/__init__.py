@@ -1,7 +1,8 @@
 """natgrad: matrix-free natural-gradient and trust-region linear algebra for PyTorch.
 
 * :mod:`natgrad.params`: :class:`ParamSpace` (parameter dict <-> flat vector), :func:`flat_grad`.
-* :mod:`natgrad.linop`: :class:`LinearOperator` on flat vectors (damping, dense, scipy).
+* :mod:`natgrad.linop`: :class:`LinearOperator` on flat vectors (damping, algebra: ``@``,
+  ``.T``, ``.H``, ``+``, ``*``; dense, to/from scipy).
 * :mod:`natgrad.curvature`: Hessian / GGN / Fisher / KL-Hessian operators (one batch or a
   dataset), :func:`value_grad_hessian`; one module each (hessian, ggn, fisher).
 * :mod:`natgrad.cg`: :class:`CG` (settings as a value), :func:`cg_solve` -> :class:`CGResult`.

@@ -15,11 +15,15 @@ Two exact methods (``method=`` of :func:`hessian_operator`):
   formula, only forward-mode derivatives of the backward.
 
 ``"auto"`` (default) is ``"double_backprop"``, falling back to
-``"forward_over_reverse"`` when the first product fails because an op in the
-graph has no double-backward formula (e.g. an ``autograd.Function`` marked
-``@once_differentiable``). Measured on CPU (``bench/test_bench_curvature.py``),
-double backprop costs about one gradient per product and forward-over-reverse
-several: it re-evaluates the loss under two torch.func transforms, whose
+``"forward_over_reverse"`` when double backprop cannot be exact: the first
+product fails because an op in the graph has no double-backward formula, or a
+custom ``autograd.Function`` with a ``@once_differentiable`` backward left
+``∇L`` constant (see :func:`_check_twice_differentiable`). Measured on CPU
+(``bench/test_bench_curvature.py``, ``bench/natgrad_vs_peers.py``), double
+backprop costs about one gradient per product, and a bit less than a
+hand-written ``torch.autograd.grad`` HVP since the products call the autograd
+engine directly (:mod:`natgrad.backprop`); forward-over-reverse costs several
+gradients: it re-evaluates the loss under two torch.func transforms, whose
 per-op Python dispatch dominates small problems, and its first use in a
 process imports ``torch._dynamo`` for torch.func's decompositions (≈ 1.5 s).
 There is no ``torch.func.linearize`` method: the kept gradient graph of
@@ -112,14 +116,15 @@ def _double_backprop(
         return value.detach(), g, zero_operator(space)
     numels = [p.numel() for p in leaves]
     if len(leaves) == 1:
-        # One tensor (the common case of a function of a vector): g depends on the leaf
-        # (it requires grad), so the product is never None and needs no concatenation.
+        # One tensor (the common case of a function of a vector): no concatenation.
         # vjp: the engine without torch.autograd.grad's per-call checks (natgrad.backprop).
         leaf = leaves[0]
 
         def matvec(v: Tensor) -> Tensor:
             # vjp keeps the gradient graph: it serves every product (by design).
-            return vjp((g,), (leaf,), (v,))[0].reshape(-1)
+            hv = vjp((g,), (leaf,), (v,))[0]
+            # None: g requires grad only through other tensors (L linear in the leaf).
+            return hv.reshape(-1) if hv is not None else torch.zeros_like(v)
 
     else:
 

@@ -226,3 +226,19 @@ def test_auto_falls_back_when_the_first_product_fails():
     op = hessian_operator(f, {"x": x})
     torch.testing.assert_close(op @ x, dense @ x, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(op.to_dense(), dense, rtol=1e-12, atol=1e-14)
+
+
+def test_loss_linear_in_params_with_coefficients_that_require_grad():
+    # ∇L = a requires grad (through a, not through w): the Hessian in w is still 0.
+    a = torch.randn(3, dtype=DT, requires_grad=True)
+    for params in (
+        {"w": torch.ones(3, dtype=DT)},
+        {"w": torch.ones(3, dtype=DT), "b": torch.ones(1, dtype=DT)},
+    ):
+        op = hessian_operator(
+            lambda p: (a * p["w"]).sum() + p.get("b", torch.zeros(1, dtype=DT)).sum() ** 2, params
+        )
+        dense = torch.zeros(op.shape, dtype=DT)
+        if "b" in params:
+            dense[3, 3] = 2.0
+        torch.testing.assert_close(op.to_dense(), dense, rtol=0, atol=0)

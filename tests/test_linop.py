@@ -251,9 +251,9 @@ def test_sum_of_operators_and_subtraction():
     torch.testing.assert_close((ops[0] - ops[1]).to_dense(), mats[0] - mats[1])
     assert (ops[0] + ops[1]).H.shape == (4, 4)
     sym = LinearOperator.from_matrix(mats[0])
-    sym_sum = LinearOperator(mats[0].mv, (4, 4), DT, "cpu", hermitian=True) + LinearOperator.identity(
-        4, DT
-    )
+    sym_sum = LinearOperator(
+        mats[0].mv, (4, 4), DT, "cpu", hermitian=True
+    ) + LinearOperator.identity(4, DT)
     assert sym_sum.H is sym_sum and sym.H is not sym
 
 

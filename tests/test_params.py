@@ -151,3 +151,13 @@ def test_flat_grad_rejects_non_scalar():
 
 def test_docstring_examples():
     assert doctest.testmod(natgrad.params).failed == 0
+
+
+def test_detached_params_shares_storage_and_leaves_the_graph():
+    from natgrad.params import detached_params
+
+    w = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    space, detached = detached_params({"w": w, "b": torch.ones(2)})
+    assert space == ParamSpace({"w": w, "b": torch.ones(2)})
+    assert not detached["w"].requires_grad and detached["w"].data_ptr() == w.data_ptr()
+    assert list(detached) == ["w", "b"]
