@@ -10,11 +10,15 @@
 * :mod:`natgrad.trust_region`: :func:`natural_step`.
 * :mod:`natgrad.backtracking`: :func:`line_search`.
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
+* :mod:`natgrad.steihaug`: :func:`steihaug_solve` (trust-region subproblem) -> :class:`SteihaugResult`.
+* :mod:`natgrad.minimize`: :func:`minimize` (trust-ncg, newton-cg) -> :class:`OptimizeResult`.
+* :mod:`natgrad.optim`: ``torch.optim`` optimizers HessianFree, NaturalGradient, TrustRegionNewton.
+* :mod:`natgrad.spectral`: Lanczos eigenpairs, SLQ spectral density, Hutchinson/Hutch++ trace.
 
 natgrad knows nothing of reinforcement learning: any model and any loss can use it.
 """
 
-from natgrad import distributed
+from natgrad import distributed, optim, spectral
 from natgrad.backtracking import LineSearchResult, LineSearchStatus, line_search
 from natgrad.cg import CG, CGError, CGIterate, CGResult, CGStatus, cg_solve
 from natgrad.curvature import (
@@ -28,8 +32,10 @@ from natgrad.curvature import (
     value_grad_hessian,
 )
 from natgrad.linop import LinearOperator
+from natgrad.minimize import OptimizeError, OptimizeResult, OptimizeStatus, minimize
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.status import ResultStatus, SolverError, Status
+from natgrad.steihaug import SteihaugError, SteihaugResult, SteihaugStatus, steihaug_solve
 from natgrad.trust_region import NaturalStep, StepStatus, natural_step
 
 __version__ = "0.1.0"
@@ -62,4 +68,15 @@ __all__ = [
     "line_search",
     "natural_step",
     "value_grad_hessian",
+    # natgrad-optim: second-order optimisation
+    "OptimizeError",
+    "OptimizeResult",
+    "OptimizeStatus",
+    "SteihaugError",
+    "SteihaugResult",
+    "SteihaugStatus",
+    "minimize",
+    "optim",
+    "spectral",
+    "steihaug_solve",
 ]
