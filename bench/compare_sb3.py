@@ -22,7 +22,7 @@ Modes (hyperparameters in this project's field names; ``sb3_kwargs`` maps them):
 * ``identical``: sb3-contrib's TRPO defaults (1 env × 2048 steps, 15 CG iterations, damping 0.1,
   δ = 0.01, 10 critic epochs of minibatch 128, Adam 1e-3, γ = 0.99, λ = 0.95, 64-64 tanh nets,
   no normalisation), our config set to the same; in-process envs on both sides.
-* ``preset``: this project's :data:`trpo.config.PRESETS` entry for the env (rl-zoo's tuned
+* ``preset``: this project's :data:`trpo.presets.PRESETS` entry for the env (rl-zoo's tuned
   values), given to both sides (SB3 gets ``VecNormalize`` when the preset normalises).
 * ``best``: ``identical`` with the same samples per update split over 2 envs (2 × 1024): each
   side's best 2-core configuration. MuJoCo envs run in subprocesses (SB3 ``SubprocVecEnv``,

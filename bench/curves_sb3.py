@@ -1,7 +1,7 @@
 """Learning curves of this project's TRPO and sb3-contrib's TRPO on the same axes.
 
 For each env and seed, both sides train for the same number of env steps with the env's
-preset (:data:`trpo.config.PRESETS`, mapped to SB3 by ``bench/compare_sb3.py``'s
+preset (:data:`trpo.presets.PRESETS`, mapped to SB3 by ``bench/compare_sb3.py``'s
 ``settings_for(env, "preset")`` / ``sb3_kwargs``; SB3 gets ``VecNormalize`` when the preset
 normalises), one torch thread, one run at a time, each in its own subprocess:
 

@@ -21,12 +21,11 @@ import torch
 from torch import Tensor
 
 from natgrad.curvature_operator import CurvatureOperator
+from natgrad.families import FAMILIES  # the families whose closed-form Fisher is known
 from natgrad.gauss_newton import categorical_fisher, gauss_newton_curvature
 
 __all__ = ["FAMILIES", "fisher_operator"]
 
-#: Output distribution families understood by :func:`fisher_operator`.
-FAMILIES = ("categorical", "diag_gaussian", "multi_categorical", "bernoulli")
 
 
 def fisher_operator(

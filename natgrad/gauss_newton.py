@@ -36,7 +36,7 @@ method ``model_fn.linearize(params, *args) -> (outputs, jvp_fn, vjp_fn)`` with
 ``outputs``) and ``vjp_fn(u) = Jᵀ u`` (a dict like ``params``). Hand-written
 products for a known architecture skip the autograd engine and its
 bookkeeping: for a tanh MLP they are the same 10 ``mm`` and ~1.5× faster per
-matvec on CPU (``trpo.fast_fisher`` does this for the TRPO policies).
+matvec on CPU (``natgrad.mlp`` does this for any plain MLP, the TRPO policies included).
 
 The checks of :mod:`natgrad.guards` run here for both operators: non-tensor
 outputs, outputs independent of ``θ``, numpy conversion and in-place mutation

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 
 from natgrad.cg import CG
+from natgrad.families import kl_divergence
 from natgrad.optim._base import (
     Closure,
     ModelView,
@@ -36,20 +36,9 @@ __all__ = ["NaturalGradient", "mean_kl"]
 
 
 def mean_kl(family: str, old: Any, new: Any) -> Tensor:
-    """``E_x[KL(p_old(·|x) ‖ p_new(·|x))]`` over the batch, for the families of
-    :func:`natgrad.fisher_operator` (by :func:`torch.distributions.kl_divergence`)."""
-    if family == "categorical":
-        return kl_divergence(Categorical(logits=old), Categorical(logits=new)).mean()
-    if family == "multi_categorical":
-        return sum(mean_kl("categorical", o, n) for o, n in zip(old, new))
-    if family == "bernoulli":
-        kl = kl_divergence(Bernoulli(logits=old), Bernoulli(logits=new))
-        return kl.reshape(kl.shape[0], -1).sum(1).mean()
-    if family == "diag_gaussian":
-        (m0, s0), (m1, s1) = old, new
-        kl = kl_divergence(Normal(m0, s0.exp()), Normal(m1, s1.exp()))
-        return kl.reshape(kl.shape[0], -1).sum(1).mean()
-    raise ValueError(f"no KL for family {family!r}")
+    """``E_x[KL(p_old(·|x) ‖ p_new(·|x))]`` over the batch, in closed form for the families of
+    :func:`natgrad.fisher_operator` (:func:`natgrad.families.kl_divergence`)."""
+    return kl_divergence(family, old, new).mean()
 
 
 class NaturalGradient(torch.optim.Optimizer):
