@@ -334,7 +334,7 @@ def test_networks_too_large_for_memory_are_refused_in_one_line(tmp_path, forbid_
     proc = cli(args, tmp_path)
     assert proc.returncode == 2
     line = one_line_error(proc.stderr)
-    assert "available host memory" in line and "lower hidden_sizes" in line
+    assert "available host memory" in line and "or hidden_sizes" in line
     assert not (tmp_path / "r").exists()
 
 

@@ -168,9 +168,9 @@ def check_memory(
             raise MemoryBudgetError(
                 f"a batch of n_envs × n_steps = {config.n_envs} × {config.n_steps} = "
                 f"{config.batch_size} transitions (obs_dim {obs_dim}, act_dim {act_dim}, "
-                f"hidden {config.hidden_sizes}, {config.dtype}) needs about "
-                f"{need / _GIB:.2f} GiB with its networks' weights, gradients and optimiser "
-                f"state, more than {what} ({budget / _GIB:.2f} GiB); lower hidden_sizes, "
-                "n_envs or n_steps (or fvp_fraction), or raise memory_limit_gb"
+                f"{config.dtype}) and networks of hidden_sizes {config.hidden_sizes} (weights, "
+                f"gradients, optimiser state) needs about {need / _GIB:.2f} GiB, more than "
+                f"{what} ({budget / _GIB:.2f} GiB); lower n_envs or n_steps (or fvp_fraction) "
+                "or hidden_sizes, or raise memory_limit_gb"
             )
     return need
