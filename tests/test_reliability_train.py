@@ -162,6 +162,25 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def started(argv: list[str], cwd: Path):
+    """``python ARGV`` running in the background (text pipes); killed if still alive after."""
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=cwd,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _metric_rows(run_dir: Path) -> int:
     path = run_dir / "metrics.csv"
     return len(path.read_text().splitlines()) - 1 if path.exists() else 0
@@ -172,32 +191,12 @@ def _metric_rows(run_dir: Path) -> int:
 def test_a_signal_saves_the_last_update_and_says_how_to_resume(tmp_path, signum, code):
     run_dir = tmp_path / "run"
     args = SMALL_FLAGS + ["--total-steps", str(10_000 * BATCH), "--checkpoint-every", "1000"]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trpo.run",
-            *args,
-            "--runs-root",
-            str(tmp_path),
-            "--run-name",
-            "run",
-        ],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    argv = ["-m", "trpo.run", *args, "--runs-root", str(tmp_path), "--run-name", "run"]
+    with started(argv, tmp_path) as proc:
         _wait_for(lambda: _metric_rows(run_dir) >= 1, proc, "metrics row")
         assert not list_checkpoints(run_dir)  # checkpoint_every 1000: nothing saved yet
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == code, err
     assert "Traceback" not in err
     saved = load_latest_checkpoint(run_dir).update
@@ -240,15 +239,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
         sys.exit(main({args!r}))
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with started(["-c", script], tmp_path) as proc:
         _wait_for(marker.exists, proc, "update 2")
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
@@ -257,10 +248,6 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert time.monotonic() - t0 < 30
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
