@@ -164,7 +164,8 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120
 
 @contextlib.contextmanager
 def started(argv: list[str], cwd: Path):
-    """``python ARGV`` running in the background (text pipes); killed if still alive after."""
+    """``python ARGV`` running in the background (text pipes) as the leader of its own
+    process group, as a terminal starts a command; killed if still alive after."""
     proc = subprocess.Popen(
         [sys.executable, *argv],
         cwd=cwd,
@@ -172,6 +173,7 @@ def started(argv: list[str], cwd: Path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     try:
         yield proc
@@ -187,15 +189,23 @@ def _metric_rows(run_dir: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_saves_the_last_update_and_says_how_to_resume(tmp_path, signum, code):
+@pytest.mark.parametrize(
+    ("signum", "code", "async_envs"),
+    [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, False), (signal.SIGINT, 130, True)],
+    ids=["SIGINT", "SIGTERM", "Ctrl-C to the process group with subprocess envs"],
+)
+def test_a_signal_saves_the_last_update_and_says_how_to_resume(tmp_path, signum, code, async_envs):
     run_dir = tmp_path / "run"
     args = SMALL_FLAGS + ["--total-steps", str(10_000 * BATCH), "--checkpoint-every", "1000"]
+    args += ["--async-envs"] if async_envs else []
     argv = ["-m", "trpo.run", *args, "--runs-root", str(tmp_path), "--run-name", "run"]
     with started(argv, tmp_path) as proc:
         _wait_for(lambda: _metric_rows(run_dir) >= 1, proc, "metrics row")
         assert not list_checkpoints(run_dir)  # checkpoint_every 1000: nothing saved yet
-        proc.send_signal(signum)
+        if async_envs:  # a terminal's Ctrl-C reaches the env workers too
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "Traceback" not in err
@@ -284,6 +294,15 @@ def test_train_restores_the_signal_handlers(tmp_path, handlers_kept):
     train(small_config(tmp_path, "ok", 1))
     with pytest.raises(TrainingError):
         train(small_config(tmp_path, "fails", 5, critic_lr=1e30, max_consecutive_failures=1))
+
+
+def test_closing_broken_envs_is_a_warning_not_an_error(capsys):
+    class BrokenEnvs:
+        def close(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    train_module._close_envs(BrokenEnvs())
+    assert "warning: closing the envs failed: BrokenPipeError" in capsys.readouterr().err
 
 
 def test_stop_on_signal_records_the_first_and_raises_on_the_second(handlers_kept, capsys):

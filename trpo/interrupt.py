@@ -9,19 +9,32 @@ user asked twice. On exit the previous handlers are restored, so nothing leaks o
 ``train``. Handlers can be installed only from the main thread; elsewhere the context
 manager does nothing (signals then keep their previous behaviour).
 
+Subprocess envs (``async_envs``) are started under :func:`children_ignore_sigint`: a
+Ctrl-C in a terminal goes to the whole process group, and workers that died of it would
+leave the main process unable to finish the update or close the envs. Ignored, it reaches
+the main process alone, which stops the run and then closes the workers.
+
 Exit codes follow the shell's convention, ``128 + signal number``: 130 for SIGINT, 143
 for SIGTERM (:func:`exit_code`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
-__all__ = ["ImmediateInterrupt", "StopOnSignal", "exit_code", "signal_name"]
+__all__ = [
+    "ImmediateInterrupt",
+    "StopOnSignal",
+    "children_ignore_sigint",
+    "exit_code",
+    "signal_name",
+]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -37,6 +50,23 @@ def signal_name(signum: int) -> str:
 def exit_code(signum: int) -> int:
     """The shell's exit status of a process ended by ``signum``: ``128 + signum``."""
     return 128 + int(signum)
+
+
+@contextlib.contextmanager
+def children_ignore_sigint(enabled: bool = True) -> Iterator[None]:
+    """Ignore SIGINT while the block runs, so that processes started in it ignore it too
+    (an ignored signal stays ignored across ``fork`` and ``exec``, and Python then installs
+    no ``KeyboardInterrupt`` handler); the previous handler is restored after. A Ctrl-C
+    during the block is lost. No effect when ``enabled`` is False or off the main thread.
+    """
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 class ImmediateInterrupt(KeyboardInterrupt):

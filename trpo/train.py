@@ -51,7 +51,7 @@ from trpo.critic import CriticFitResult, CriticSettings, explained_variance, fit
 from trpo.distributed import DataParallel, NullLogger
 from trpo.divergence import CriticWatch
 from trpo.gae import compute_gae, normalize_advantages
-from trpo.interrupt import ImmediateInterrupt, StopOnSignal, signal_name
+from trpo.interrupt import ImmediateInterrupt, StopOnSignal, children_ignore_sigint, signal_name
 from trpo.logger import (
     TENSORBOARD_DIRNAME,
     MetricsLogger,
@@ -206,7 +206,7 @@ def train(config: TRPOConfig) -> TrainResult:
             config = _agree_on_run_dir(config, dp)
             return _train(config, envs, device, dp)
         finally:
-            envs.close()
+            _close_envs(envs)
     except RuntimeError as e:
         if not dp.enabled or isinstance(e, TrainingError):
             raise
@@ -476,13 +476,24 @@ def _make_envs(config: TRPOConfig) -> Any:
         TrainingError: the env's constructor raised (naming the env id and the error).
     """
     try:
-        return make_envs(config.env_id, config.n_envs, async_=config.async_envs)
+        # Subprocess envs must not die of a terminal's Ctrl-C: the run stops on it itself.
+        with children_ignore_sigint(config.async_envs):
+            return make_envs(config.env_id, config.n_envs, async_=config.async_envs)
     except ValueError:
         raise
     except Exception as e:
         raise TrainingError(
             f"env {config.env_id!r} could not be created: {type(e).__name__}: {e}"
         ) from e
+
+
+def _close_envs(envs: Any) -> None:
+    """Close the envs; a failure (e.g. subprocess envs that died) is a warning, so that it
+    never hides the error or the result of the run."""
+    try:
+        envs.close()
+    except Exception as e:
+        print(f"warning: closing the envs failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _reset_envs(envs: Any, config: TRPOConfig, state: _State, dp: DataParallel) -> RolloutState:
