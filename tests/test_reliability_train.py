@@ -8,7 +8,7 @@
   ``log_std_init``: one line and exit code 2, before any env exists;
 - item 14: an env raising in ``reset`` (or in its constructor) is a ``TrainingError``;
 - item 15: an unwritable ``runs_root``, a read-only run directory or metrics.csv on resume:
-  one line before anything trains.
+  one line before anything trains; a checkpoint write failing (``ulimit -f``): one line.
 
 Runs are tiny CartPole (or test-env) runs: 2 envs × 32 steps per update, an 8-unit MLP;
 the CLI cases run in subprocesses, where exit codes and signals are real.
@@ -426,6 +426,34 @@ def test_a_read_only_runs_root_is_one_line_before_training(tmp_path):
         root.chmod(0o755)
     assert proc.returncode == 2
     assert "cannot create a run directory" in one_line_error(proc.stderr)
+
+
+def test_exceeding_the_file_size_limit_is_one_line(tmp_path):
+    """``ulimit -f`` of 6000 bytes: config.json and the first metrics row fit, the first
+    checkpoint does not (EFBIG; Python ignores SIGXFSZ, so the write raises)."""
+    limit = 6000
+    args = SMALL_FLAGS + ["--total-steps", str(3 * BATCH), "--checkpoint-every", "1"]
+    args += ["--runs-root", str(tmp_path), "--run-name", "r"]
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        from trpo.run import main
+        sys.exit(main({args!r}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    line = one_line_error(proc.stderr)
+    assert line.startswith(f"error: cannot write the checkpoint of update 1 in {tmp_path / 'r'}")
+    assert "File too large" in line and "ulimit -f" in line
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from natgrad.trust_region import StepStatus
 from trpo.checkpoint import (
     capture_rng_state,
     checkpoint_path,
+    list_checkpoints,
     load_latest_checkpoint,
     restore_rng_state,
     save_run_checkpoint,
@@ -706,7 +707,10 @@ class _Reporter:
         }
         update = state.update
         if update % self.config.log_every == 0 or update == self.num_updates or not ok:
-            self.logger.log(state.global_step, metrics)
+            try:
+                self.logger.log(state.global_step, metrics)
+            except OSError as e:
+                raise _write_failed(self.config.run_dir, "metrics.csv", e) from e
         recent = float(np.mean(self.recent_returns)) if self.recent_returns else None
         self.bar.update(state.global_step, episode_return=recent, kl=step.kl)
         if not self.bar.enabled and self.progress and update % self.text_every == 0:
@@ -750,11 +754,28 @@ class _Checkpoints:
             saved["obs_rms"] = state.obs_rms.state_dict()
         if state.reward_scaler is not None:
             saved["reward_scaler"] = state.reward_scaler.state_dict()
-        self.reporter.logger.flush()
-        save_run_checkpoint(
-            self.config.run_dir, state.update, saved, keep=self.config.keep_checkpoints
-        )
+        run_dir = self.config.run_dir
+        try:
+            self.reporter.logger.flush()
+            save_run_checkpoint(run_dir, state.update, saved, keep=self.config.keep_checkpoints)
+        except OSError as e:
+            raise _write_failed(run_dir, f"the checkpoint of update {state.update}", e) from e
         self.last_saved = state.update
+
+
+def _write_failed(run_dir: Path, what: str, error: OSError) -> TrainingError:
+    """The error of a write that failed (a full disk, ``ulimit -f``, permissions), saying
+    which complete checkpoint a resume would start from."""
+    done = list_checkpoints(run_dir)
+    after = (
+        f"then resume from {done[0][1].name} with --resume {run_dir}"
+        if done
+        else "then start the run again (it has no complete checkpoint yet)"
+    )
+    return TrainingError(
+        f"cannot write {what} in {run_dir}: {type(error).__name__}: {error}; free disk space "
+        f"or raise the file-size limit (ulimit -f), {after}"
+    )
 
 
 def _finish(config: TRPOConfig, state: _State, dp: DataParallel) -> TrainResult:
