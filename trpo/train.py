@@ -10,6 +10,12 @@ Everything a run needs to continue lives in its checkpoints, written atomically 
 states, the step counter. Episodes in progress when a run stops are not saved: a resumed
 run resets its envs (with a seed derived from the seed and the update index) and starts
 fresh episodes.
+
+What can go wrong is handled where it happens (docs/reliability.md): a non-finite update is
+rolled back (:meth:`_State.roll_back`), a failing env or write saves what is complete and
+raises :class:`TrainingError`, SIGINT/SIGTERM stop between two updates after a checkpoint
+(:mod:`trpo.interrupt`, :class:`TrainingInterrupted`), and a critic diverging towards
+overflow is reported once (:mod:`trpo.divergence`).
 """
 
 from __future__ import annotations
