@@ -13,7 +13,9 @@ import torch
 
 from trpo.config import (
     FIXED_ON_RESUME,
+    LOG_STD_INIT_BOUND,
     TRPOConfig,
+    check_device,
     check_env_id,
     default_run_name,
     load_config,
@@ -76,6 +78,8 @@ INVALID = [
     ("memory_limit_gb", 0.0),
     ("normalize_obs", "yes"),
     ("log_std_init", math.nan),
+    ("log_std_init", 1e300),  # exp overflows: σ = inf
+    ("log_std_init", -20.5),  # σ ≈ 10⁻⁹: the Gaussian's density overflows
     ("runs_root", ""),
 ]
 
@@ -100,6 +104,8 @@ def test_invalid_value_raises_naming_the_field(field, value):
         dict(max_kl=1),
         dict(dtype="float64"),
         dict(seed=0),
+        dict(log_std_init=20.0),
+        dict(log_std_init=-20.0),
     ],
 )
 def test_boundary_values_are_valid(overrides):
@@ -123,6 +129,31 @@ def test_config_is_frozen_and_replace_revalidates():
 
 def test_batch_size():
     assert TRPOConfig(n_envs=2, n_steps=512).batch_size == 1024
+
+
+def test_log_std_init_error_gives_the_usable_range():
+    with pytest.raises(ValueError, match=r"^log_std_init must be in \[-20, 20\] \(got 1e\+300\)"):
+        TRPOConfig(log_std_init=1e300)
+    # the bound keeps σ finite and nonzero even in float32
+    big = torch.tensor(LOG_STD_INIT_BOUND, dtype=torch.float32)
+    assert torch.isfinite(big.exp()) and (-big).exp() > 0
+
+
+def test_check_device_refuses_a_device_this_machine_lacks():
+    check_device("cpu")
+    check_device("auto")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=rf"device 'cuda:{count}' is not available.*--device cpu"):
+        check_device(f"cuda:{count}")
+    if count == 0:
+        with pytest.raises(ValueError, match="device 'cuda' is not available"):
+            check_device("cuda")
+    else:
+        check_device("cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="device 'mps' is not available"):
+            check_device("mps")
+    TRPOConfig(device=f"cuda:{count}")  # a config for another machine still loads
 
 
 def test_torch_dtype_and_device():

@@ -57,7 +57,9 @@ from trpo.fileio import RunDirError, atomic_write_bytes, read_regular_file
 __all__ = [
     "CONFIG_FILENAME",
     "FIXED_ON_RESUME",
+    "LOG_STD_INIT_BOUND",
     "TRPOConfig",
+    "check_device",
     "check_env_id",
     "default_run_name",
     "load_config",
@@ -71,6 +73,9 @@ _MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; anything larger is no
 
 FIXED_ON_RESUME = ("env_id", "hidden_sizes", "normalize_obs", "normalize_reward")
 """Fields a resumed run cannot change: the checkpoint's networks and statistics are theirs."""
+
+LOG_STD_INIT_BOUND = 20.0
+"""``log_std_init`` must lie in ``[-LOG_STD_INIT_BOUND, LOG_STD_INIT_BOUND]``."""
 
 _DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._=+-]+$")
@@ -149,7 +154,8 @@ class TRPOConfig:
     hidden_sizes: tuple[int, ...] = (64, 64)
     """Hidden layer widths of the actor and of the critic MLP (tanh); empty = linear."""
     log_std_init: float = 0.0
-    """Initial log standard deviation of the diagonal Gaussian policy (Box actions only)."""
+    """Initial log standard deviation of the diagonal Gaussian policy (Box actions only), in
+    [-20, 20]: σ = exp(log_std_init) must be a usable, finite standard deviation."""
 
     # --- returns and advantages -------------------------------------------------------------
     gamma: float = 0.99
@@ -280,7 +286,9 @@ class TRPOConfig:
         _check_real(self, "critic_lr", low=0.0, low_open=True)
         _check_real(self, "obs_clip", low=0.0, low_open=True)
         _check_real(self, "reward_clip", low=0.0, low_open=True)
-        _check_real(self, "log_std_init")
+        # exp(±20) ≈ 5·10⁸ / 2·10⁻⁹: far beyond any sensible σ, yet finite with room in float32
+        # (exp overflows past 88); outside it the Gaussian's density under- or overflows.
+        _check_real(self, "log_std_init", low=-LOG_STD_INIT_BOUND, high=LOG_STD_INIT_BOUND)
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (got {getattr(self, name)!r})")
@@ -447,6 +455,37 @@ def check_env_id(env_id: str) -> None:
         f"env_id {env_id!r} is not a registered gymnasium environment.{hint} "
         'List the ids with: python -c "import gymnasium; gymnasium.pprint_registry()"'
     )
+
+
+def check_device(device: str) -> None:
+    """Raise if the torch device named by a valid ``device`` field cannot be used here.
+
+    ``'cpu'`` and ``'auto'`` always can; ``'cuda'`` / ``'cuda:N'`` need a visible GPU
+    (number N); ``'mps'`` needs Apple's Metal backend. It is not part of
+    :meth:`TRPOConfig.validate`: a config made on a GPU machine must still load elsewhere.
+
+    Raises:
+        ValueError: naming the device, why it cannot be used, and what to pass instead.
+    """
+    if device in ("cpu", "auto"):
+        return
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                "device 'mps' is not available on this machine (torch.backends.mps."
+                "is_available() is False); use --device cpu, or auto"
+            )
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        seen = f"{count} visible GPU(s)" if count else "no GPU visible to torch"
+        if torch.version.cuda is None:
+            seen += ", and this torch is built without CUDA"
+        raise ValueError(
+            f"device {device!r} is not available: {seen}; use --device cpu, or auto "
+            "(cuda when available)"
+        )
 
 
 def default_run_name(env_id: str, seed: int, now: _dt.datetime | None = None) -> str:

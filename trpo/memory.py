@@ -1,6 +1,7 @@
 """Refuse a batch that would not fit in memory, rather than be killed by the OS mid-run.
 
-:func:`estimate_rollout_bytes` is a conservative estimate of one rollout and one update;
+:func:`estimate_rollout_bytes` is a conservative estimate of one rollout and one update
+(buffers, activations, and the networks' weights, gradients and optimiser state);
 :func:`check_memory` compares it with a budget: ``memory_limit_gb`` if set, else the host's
 available memory (the least of ``/proc/meminfo``'s ``MemAvailable`` and a cgroup limit) and,
 for a CUDA device, the GPU's free memory.
@@ -16,7 +17,13 @@ import torch
 
 from trpo.config import TRPOConfig
 
-__all__ = ["MemoryBudgetError", "available_memory_bytes", "check_memory", "estimate_rollout_bytes"]
+__all__ = [
+    "MemoryBudgetError",
+    "available_memory_bytes",
+    "check_memory",
+    "estimate_rollout_bytes",
+    "mlp_parameter_count",
+]
 
 _GIB = 2**30
 # (limit, usage) files of cgroup v2 and v1; v1 reports "no limit" as a huge number.
@@ -30,12 +37,19 @@ class MemoryBudgetError(ValueError):
     """The rollout/update buffers of a config would not fit in the available memory."""
 
 
+def mlp_parameter_count(sizes: tuple[int, ...] | list[int]) -> int:
+    """Weights and biases of an MLP with layer widths ``sizes = (n_0, ..., n_L)``:
+    ``Σ_l (n_l + 1) · n_{l+1}``."""
+    return sum((n_in + 1) * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+
+
 def estimate_rollout_bytes(config: TRPOConfig, obs_dim: int, act_dim: int) -> int:
     """Conservative estimate of the memory one rollout and one update need, in bytes.
 
     With ``B = n_envs·n_steps``, ``b`` the dtype's bytes, ``W_a = obs_dim + Σhidden + act_dim``
-    and ``W_c = obs_dim + Σhidden + 1`` (actor and critic widths) and
-    ``B_f = ceil(fvp_fraction·B)``::
+    and ``W_c = obs_dim + Σhidden + 1`` (actor and critic widths), ``B_f = ceil(fvp_fraction·B)``
+    and ``P_a``, ``P_c`` the parameters of the actor (its MLP plus ``act_dim`` for a Gaussian's
+    log σ) and of the critic (:func:`mlp_parameter_count`)::
 
         rollout = B · (2·obs_dim + 3·act_dim + 8) · b
             # obs, true next obs, action, π_old's parameters (≤ 2·act_dim), and 8 scalars:
@@ -43,7 +57,11 @@ def estimate_rollout_bytes(config: TRPOConfig, obs_dim: int, act_dim: int) -> in
         update  = (2·B·W_a + 4·B_f·W_a + 2·B·W_c) · b
             # activations (pre/post) kept for the surrogate gradient (B states), the Fisher
             # linearisation plus its tangents (B_f states) and the critic's values (B states)
-        total   = 1.5 · (rollout + update)      # allocator slack and temporaries
+        params  = (9·P_a + 7·P_c) · b
+            # actor: weights, gradient, 4 CG vectors (x, r, p, Fp), the step, the line
+            # search's candidate and the pre-update copy; critic: weights, gradient, Adam's
+            # two moments and the pre-update copies of weights and moments
+        total   = 1.5 · (rollout + update + params)      # allocator slack and temporaries
 
     Args:
         config: the run's config.
@@ -68,7 +86,10 @@ def estimate_rollout_bytes(config: TRPOConfig, obs_dim: int, act_dim: int) -> in
     w_critic = obs_dim + hidden + 1
     rollout = batch * (2 * obs_dim + 3 * act_dim + 8) * b
     update = (2 * batch * w_actor + 4 * fvp_batch * w_actor + 2 * batch * w_critic) * b
-    return math.ceil(1.5 * (rollout + update))
+    p_actor = mlp_parameter_count((obs_dim, *config.hidden_sizes, act_dim)) + act_dim
+    p_critic = mlp_parameter_count((obs_dim, *config.hidden_sizes, 1))
+    params = (9 * p_actor + 7 * p_critic) * b
+    return math.ceil(1.5 * (rollout + update + params))
 
 
 def _meminfo_available() -> int | None:
@@ -147,8 +168,9 @@ def check_memory(
             raise MemoryBudgetError(
                 f"a batch of n_envs × n_steps = {config.n_envs} × {config.n_steps} = "
                 f"{config.batch_size} transitions (obs_dim {obs_dim}, act_dim {act_dim}, "
-                f"hidden {config.hidden_sizes}, {config.dtype}) needs about "
-                f"{need / _GIB:.2f} GiB, more than {what} ({budget / _GIB:.2f} GiB); "
-                "lower n_envs or n_steps (or fvp_fraction), or raise memory_limit_gb"
+                f"{config.dtype}) and networks of hidden_sizes {config.hidden_sizes} (weights, "
+                f"gradients, optimiser state) needs about {need / _GIB:.2f} GiB, more than "
+                f"{what} ({budget / _GIB:.2f} GiB); lower n_envs or n_steps (or fvp_fraction) "
+                "or hidden_sizes, or raise memory_limit_gb"
             )
     return need

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 import tyro
 
-from trpo.config import TRPOConfig, check_env_id, load_config, resume_config
+from trpo.config import TRPOConfig, check_device, check_env_id, load_config, resume_config
 from trpo.fileio import RunDirError
+from trpo.interrupt import exit_code
 from trpo.logger import TENSORBOARD_DIRNAME
 from trpo.presets import config_for
-from trpo.train import TrainingError, train
+from trpo.train import TrainingError, TrainingInterrupted, train
 
 __all__ = ["main", "parse_cli"]
 
@@ -90,18 +92,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0 on success, 1 when training stopped (:class:`trpo.train.TrainingError`), 2 for a
-        user error: an unknown env id, a batch that cannot fit in memory, a run name that
-        exists, no valid checkpoint to resume (one line, not a traceback). Invalid flags or
-        values exit with code 2 from the parser, naming the field.
+        user error: an unknown env id, a device this machine lacks, a batch that cannot fit
+        in memory, a run name that exists, a runs_root or resumed run that cannot be
+        written, no valid checkpoint to resume (one line, not a traceback). Invalid flags or
+        values exit with code 2 from the parser, naming the field. SIGINT (Ctrl-C) / SIGTERM:
+        the last completed update is saved, one line says how to resume, and the code is
+        130 / 143 (``128 + signal``); a second one stops at once with the same code.
     """
     config = parse_cli(argv, prog="python -m trpo.run")
     try:
-        # train() checks it too; here a typo gives one line that says how to list the ids.
+        # train() checks them too; here a typo gives one line that says how to list the ids.
         check_env_id(config.env_id)
+        check_device(config.device)
         result = train(config)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return exit_code(e.signum)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # a second signal, or one outside the training loop
+        print(
+            f"interrupted: {e or 'KeyboardInterrupt'}; a run continues from its last "
+            "checkpoint with --resume RUN_DIR",
+            file=sys.stderr,
+        )
+        return exit_code(getattr(e, "signum", signal.SIGINT))
     except (ValueError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

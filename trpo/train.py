@@ -10,6 +10,12 @@ Everything a run needs to continue lives in its checkpoints, written atomically 
 states, the step counter. Episodes in progress when a run stops are not saved: a resumed
 run resets its envs (with a seed derived from the seed and the update index) and starts
 fresh episodes.
+
+What can go wrong is handled where it happens (docs/reliability.md): a non-finite update is
+rolled back (:meth:`_State.roll_back`), a failing env or write saves what is complete and
+raises :class:`TrainingError`, SIGINT/SIGTERM stop between two updates after a checkpoint
+(:mod:`trpo.interrupt`, :class:`TrainingInterrupted`), and a critic diverging towards
+overflow is reported once (:mod:`trpo.divergence`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import copy
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -35,27 +42,56 @@ from trpo.checkpoint import (
     capture_rng_state,
     check_state_shapes,
     checkpoint_path,
+    list_checkpoints,
     load_latest_checkpoint,
     restore_rng_state,
     save_run_checkpoint,
 )
-from trpo.config import TRPOConfig, check_env_id, default_run_name, resume_config, save_config
+from trpo.config import (
+    TRPOConfig,
+    check_device,
+    check_env_id,
+    default_run_name,
+    resume_config,
+    save_config,
+)
 from trpo.critic import CriticFitResult, CriticSettings, explained_variance, fit_critic
 from trpo.distributed import DataParallel, NullLogger
+from trpo.divergence import CriticWatch
 from trpo.evaluation import evaluate_policy
 from trpo.gae import compute_gae, normalize_advantages
-from trpo.logger import MetricsLogger, ProgressBar, plot_learning_curve, read_metrics
+from trpo.interrupt import ImmediateInterrupt, StopOnSignal, children_ignore_sigint, signal_name
+from trpo.logger import (
+    TENSORBOARD_DIRNAME,
+    MetricsLogger,
+    ProgressBar,
+    plot_learning_curve,
+    read_metrics,
+)
 from trpo.memory import check_memory
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.policy import Actor, Critic, make_actor, make_critic, observation_dim
 from trpo.rollout import Rollout, RolloutState, collect_rollout, init_rollout_state, make_envs
 from trpo.update import PolicyBatch, PolicyStepResult, PolicyStepSettings, policy_step
 
-__all__ = ["TrainResult", "TrainingError", "train"]
+__all__ = ["TrainResult", "TrainingError", "TrainingInterrupted", "train"]
 
 
 class TrainingError(RuntimeError):
     """The run cannot continue (non-finite updates, a failing env); the last good state is saved."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT or SIGTERM stopped the run; the checkpoint of the last completed update is saved.
+
+    Attributes:
+        run_dir: The run directory (continue with ``--resume run_dir``).
+        signum: The signal received (the CLI exits with ``128 + signum``).
+    """
+
+    def __init__(self, message: str, *, run_dir: Path, signum: int) -> None:
+        super().__init__(message)
+        self.run_dir, self.signum = run_dir, signum
 
 
 @dataclass
@@ -142,17 +178,25 @@ def train(config: TRPOConfig) -> TrainResult:
     Started by ``torchrun`` (``WORLD_SIZE > 1``), every process trains data parallel on its own
     envs and rank 0 writes the run (``trpo.distributed``, docs/distributed.md).
 
+    SIGINT (Ctrl-C) or SIGTERM finishes the current update, saves its checkpoint and raises
+    :class:`TrainingInterrupted`; a second one stops at once (:mod:`trpo.interrupt`). The
+    previous signal handlers are restored when ``train`` returns or raises.
+
     Raises:
-        ValueError: Invalid config, unknown env id, a batch that would not fit in memory (all
-            before any env is created), a run directory that exists or cannot be created, or
-            a resume that changes a field the checkpoint fixes.
+        ValueError: Invalid config, unknown env id, a device this machine lacks, a batch that
+            would not fit in memory (all before any env is created), a run directory that
+            exists or cannot be created or written, or a resume that changes a field the
+            checkpoint fixes.
         TrainingError: ``max_consecutive_failures`` updates in a row were non-finite, or an env
-            produced a non-finite observation/reward or raised (the checkpoint of the last
-            completed update is kept).
+            could not be created, raised in ``reset`` or ``step`` or produced a non-finite
+            observation/reward (the checkpoint of the last completed update is kept).
+        TrainingInterrupted: (a ``TrainingError``) SIGINT/SIGTERM; the state is saved.
+        trpo.interrupt.ImmediateInterrupt: (a ``KeyboardInterrupt``) a second signal.
     """
     if config.resume is not None:
         config = resume_config(config)
     check_env_id(config.env_id)
+    check_device(config.device)
     # The exact memory estimate needs the spaces, known only once an env exists; with the
     # smallest spaces (1, 1) it is a lower bound, so a hopeless batch is refused before any
     # env is created. It is repeated with the real sizes before anything is allocated.
@@ -164,14 +208,14 @@ def train(config: TRPOConfig) -> TrainResult:
     dp = DataParallel.from_env(config.torch_device())
     try:
         device = dp.device(config.torch_device())
-        envs = make_envs(config.env_id, config.n_envs, async_=config.async_envs)
+        envs = _make_envs(config)
         try:
             obs_space, act_space = envs.single_observation_space, envs.single_action_space
             check_memory(config, observation_dim(obs_space), _dist_param_dim(act_space))
             config = _agree_on_run_dir(config, dp)
             return _train(config, envs, device, dp)
         finally:
-            envs.close()
+            _close_envs(envs)
     except RuntimeError as e:
         if not dp.enabled or isinstance(e, TrainingError):
             raise
@@ -217,13 +261,40 @@ def _create_run_dir(config: TRPOConfig) -> TRPOConfig:
         raise ValueError(f"cannot create a run directory in {root}: {e}") from None
 
 
+def _check_run_dir_writable(run_dir: Path) -> None:
+    """Before a resumed run trains anything: everything it will write to must be writable
+    (the directory, ``checkpoints/``, ``metrics.csv``, ``tensorboard/``), or one update
+    would be trained and then lost when its results cannot be saved.
+
+    Raises:
+        ValueError: naming the first path that cannot be written.
+    """
+    for name, need in (
+        ("", os.W_OK | os.X_OK),
+        ("checkpoints", os.W_OK | os.X_OK),
+        ("metrics.csv", os.W_OK),
+        (TENSORBOARD_DIRNAME, os.W_OK | os.X_OK),
+    ):
+        path = run_dir / name
+        if (name == "" or os.path.lexists(path)) and not os.access(path, need):
+            raise ValueError(
+                f"cannot resume {run_dir}: {path} is not writable, so this run's checkpoints "
+                f"and metrics could not be saved; make it writable (chmod -R u+w {run_dir}) "
+                "or copy the run directory somewhere writable and resume the copy"
+            )
+
+
 def _agree_on_run_dir(config: TRPOConfig, dp: DataParallel) -> TRPOConfig:
-    """Rank 0 creates a new run's directory; every rank gets rank 0's config (its run name
-    may hold a timestamp and a suffix), or rank 0's error, so that no rank waits for it."""
+    """Rank 0 creates a new run's directory (or checks that a resumed one is writable);
+    every rank gets rank 0's config (its run name may hold a timestamp and a suffix), or
+    rank 0's error, so that no rank waits for it."""
     outcome: TRPOConfig | ValueError = config
-    if config.resume is None and dp.is_main:
+    if dp.is_main:
         try:
-            outcome = _create_run_dir(config)
+            if config.resume is None:
+                outcome = _create_run_dir(config)
+            else:
+                _check_run_dir_writable(config.run_dir)
         except ValueError as e:
             outcome = e
     outcome = dp.broadcast(outcome)
@@ -317,13 +388,41 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel
     # An error path that would save the state just restored again leaves its file be.
     checkpoints = _Checkpoints(config, dp, reporter, state.update if config.resume else -1)
     try:
-        _loop(config, envs, state, dp, num_updates, reporter, checkpoints)
-        # A resume that asked for fewer steps than done trained nothing: state.update is the
-        # restored one, so no older update's name is written over.
-        checkpoints.save(state)
+        with StopOnSignal() as stop:
+            _loop(config, envs, state, dp, num_updates, reporter, checkpoints, stop)
+            # A resume that asked for fewer steps than done trained nothing: state.update is
+            # the restored one, so no older update's name is written over.
+            checkpoints.save(state)
+            _stop_if_requested(stop, config, state, dp, checkpoints)
     finally:
         reporter.close()
     return _finish(config, state, dp)
+
+
+def _stop_if_requested(
+    stop: StopOnSignal,
+    config: TRPOConfig,
+    state: _State,
+    dp: DataParallel,
+    checkpoints: _Checkpoints,
+) -> None:
+    """Between updates: after a SIGINT/SIGTERM (on any rank), save the state of the last
+    completed update and raise :class:`TrainingInterrupted`."""
+    if not dp.reducer.all(not stop.requested):  # every rank stops at the same update
+        checkpoints.save(state)
+        raise _interrupted(config, state, stop.signum)
+
+
+def _interrupted(config: TRPOConfig, state: _State, signum: int | None) -> TrainingInterrupted:
+    signum = signal.SIGINT if signum is None else signum  # another rank got the signal
+    run_dir = config.run_dir
+    return TrainingInterrupted(
+        f"{signal_name(signum)}: stopped after update {state.update} (step "
+        f"{state.global_step}), saved in {checkpoint_path(run_dir, state.update)}; "
+        f"resume with: python -m trpo.run --resume {run_dir}",
+        run_dir=run_dir,
+        signum=int(signum),
+    )
 
 
 # -------------------------------------------------------------------------------- the loop
@@ -335,17 +434,19 @@ def _loop(
     num_updates: int,
     reporter: _Reporter,
     checkpoints: _Checkpoints,
+    stop: StopOnSignal,
 ) -> None:
     """Updates ``state.update, ..., num_updates − 1``, each: rollout → GAE → policy step →
-    critic fit → log → checkpoint."""
-    reset_seed = dp.env_seed(_env_reset_seed(config, state.update))
-    rollout_state = init_rollout_state(envs, reset_seed, global_step=state.global_step)
+    critic fit → log → checkpoint; a SIGINT/SIGTERM stops it between two updates."""
+    rollout_state = _reset_envs(envs, config, state, dp)
     failures = 0
+    critic_watch = CriticWatch(config.gamma, config.critic_lr)
     for update in range(state.update, num_updates):
+        _stop_if_requested(stop, config, state, dp, checkpoints)
         # 1. rollout with π_old
         t0 = time.perf_counter()
         dp.reseed(config.seed, update, state.generator, state.cpu_generator)
-        rollout = _collect(envs, config, state, rollout_state, checkpoints)
+        rollout = _collect(envs, config, state, rollout_state, checkpoints, stop)
         state.global_step += dp.world_size * rollout.batch_size
         rollout_seconds = time.perf_counter() - t0
         # 2. advantages by GAE(γ, λ)
@@ -360,6 +461,10 @@ def _loop(
             state.roll_back(backup)
         state.update = update + 1
         reporter.announce(state.update, result, ok, failures)
+        # A critic far beyond any return the rewards allow is diverging: say so (once).
+        warning = critic_watch.observe(rollout, result.fit.value_loss)
+        if warning is not None and dp.is_main:
+            reporter.say(f"warning: update {state.update}: {warning}")
         # The ranks must still agree (bit for bit); a cheap checksum, fails loudly if not.
         dp.check_agreement(*state.shared())
         # 5. log
@@ -378,18 +483,72 @@ def _loop(
             checkpoints.save(state)
 
 
+def _make_envs(config: TRPOConfig) -> Any:
+    """The vector env of ``config``; an env whose constructor raises is a TrainingError.
+
+    Raises:
+        ValueError: an env id gymnasium does not know.
+        TrainingError: the env's constructor raised (naming the env id and the error).
+    """
+    try:
+        # Subprocess envs must not die of a terminal's Ctrl-C: the run stops on it itself.
+        with children_ignore_sigint(config.async_envs):
+            return make_envs(config.env_id, config.n_envs, async_=config.async_envs)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise TrainingError(
+            f"env {config.env_id!r} could not be created: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _close_envs(envs: Any) -> None:
+    """Close the envs; a failure (e.g. subprocess envs that died) is a warning, so that it
+    never hides the error or the result of the run."""
+    try:
+        envs.close()
+    except Exception as e:
+        print(f"warning: closing the envs failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _reset_envs(envs: Any, config: TRPOConfig, state: _State, dp: DataParallel) -> RolloutState:
+    """Reset the envs for update ``state.update`` (seed derived from it) and start the rollout.
+
+    Raises:
+        TrainingError: the env raised in ``reset`` or returned a non-finite observation
+            (naming the env id and the error); nothing of the run has changed.
+    """
+    reset_seed = dp.env_seed(_env_reset_seed(config, state.update))
+    try:
+        return init_rollout_state(envs, reset_seed, global_step=state.global_step)
+    except Exception as e:
+        where = (
+            f"the run in {config.run_dir} is unchanged at update {state.update}; resume it "
+            f"with --resume {config.run_dir} once the env is fixed"
+            if config.resume is not None
+            else "no update was trained"
+        )
+        what = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise TrainingError(
+            f"env {config.env_id!r} failed in reset (seed {reset_seed}): {what}; {where}"
+        ) from e
+
+
 def _collect(
     envs: Any,
     config: TRPOConfig,
     state: _State,
     rollout_state: RolloutState,
     checkpoints: _Checkpoints,
+    stop: StopOnSignal,
 ) -> Rollout:
     """Step 1: ``n_steps`` steps of every env with the current policy π_old.
 
     Raises:
         TrainingError: the env failed (raised, or gave a non-finite observation or reward);
             the state after the last completed update is checkpointed first.
+        TrainingInterrupted: the env failed after a SIGINT/SIGTERM (subprocess envs get
+            Ctrl-C too): the rollout is abandoned, the last completed update saved.
     """
     noise_state = state.generator.get_state()
     try:
@@ -404,12 +563,18 @@ def _collect(
             reward_scaler=state.reward_scaler,
             dtype=config.torch_dtype(),
         )
-    except (ValueError, RuntimeError) as e:
+    except ImmediateInterrupt:
+        raise
+    except (ValueError, RuntimeError, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt) and not stop.requested:
+            raise
         # A failed rollout changes no saved state (statistics and episode counters are
         # updated only on success) except the action noise drawn: undo that, so the
         # checkpoint is exactly the state after the last completed update.
         state.generator.set_state(noise_state)
         checkpoints.save(state)
+        if stop.requested:
+            raise _interrupted(config, state, stop.signum) from e
         run_dir = config.run_dir
         raise TrainingError(
             f"{e}; the checkpoint of the last completed update ({state.update}) is in "
@@ -556,7 +721,10 @@ class _Reporter:
         }
         update = state.update
         if update % self.config.log_every == 0 or update == self.num_updates or not ok:
-            self.logger.log(state.global_step, metrics)
+            try:
+                self.logger.log(state.global_step, metrics)
+            except OSError as e:
+                raise _write_failed(self.config.run_dir, "metrics.csv", e) from e
         recent = float(np.mean(self.recent_returns)) if self.recent_returns else None
         self.bar.update(state.global_step, episode_return=recent, kl=step.kl)
         if not self.bar.enabled and self.progress and update % self.text_every == 0:
@@ -600,11 +768,28 @@ class _Checkpoints:
             saved["obs_rms"] = state.obs_rms.state_dict()
         if state.reward_scaler is not None:
             saved["reward_scaler"] = state.reward_scaler.state_dict()
-        self.reporter.logger.flush()
-        save_run_checkpoint(
-            self.config.run_dir, state.update, saved, keep=self.config.keep_checkpoints
-        )
+        run_dir = self.config.run_dir
+        try:
+            self.reporter.logger.flush()
+            save_run_checkpoint(run_dir, state.update, saved, keep=self.config.keep_checkpoints)
+        except OSError as e:
+            raise _write_failed(run_dir, f"the checkpoint of update {state.update}", e) from e
         self.last_saved = state.update
+
+
+def _write_failed(run_dir: Path, what: str, error: OSError) -> TrainingError:
+    """The error of a write that failed (a full disk, ``ulimit -f``, permissions), saying
+    which complete checkpoint a resume would start from."""
+    done = list_checkpoints(run_dir)
+    after = (
+        f"then resume from {done[0][1].name} with --resume {run_dir}"
+        if done
+        else "then start the run again (it has no complete checkpoint yet)"
+    )
+    return TrainingError(
+        f"cannot write {what} in {run_dir}: {type(error).__name__}: {error}; free disk space "
+        f"or raise the file-size limit (ulimit -f), {after}"
+    )
 
 
 def _finish(config: TRPOConfig, state: _State, dp: DataParallel) -> TrainResult:
