@@ -302,7 +302,7 @@ def _batch_hessian(
 
 def hessian_operator(
     loss_fn: Callable[..., Tensor],
-    params: Params,
+    params: Params | Tensor,
     *args: Any,
     method: str = "auto",
     data: Iterable[Any] | None = None,
@@ -312,7 +312,9 @@ def hessian_operator(
     Args:
         loss_fn: ``loss_fn(params_dict, *args) -> scalar`` (a batch mean when
             ``data`` is given).
-        params: Mapping name -> tensor, the point ``θ``.
+        params: Mapping name -> tensor, the point ``θ``; or one tensor ``x`` (any
+            shape), in which case ``loss_fn(x, *args)`` and the operator acts on
+            ``x.reshape(-1)``.
         *args: One batch: further (fixed) arguments of ``loss_fn``.
         method: ``"auto"`` (default), ``"double_backprop"`` or
             ``"forward_over_reverse"``; see the module docstring for the cost of each
@@ -333,11 +335,28 @@ def hessian_operator(
     """
     if method not in HESSIAN_METHODS:
         raise ValueError(f"method must be one of {HESSIAN_METHODS}, got {method!r}")
+    if isinstance(params, Tensor):
+        return _tensor_hessian(loss_fn, params, args, method, data)
     space, primals = detached_params(params)
     check_modules(loss_fn, "loss_fn")
     return one_batch_or_streamed(
         space, args, data, lambda batch: _batch_hessian(loss_fn, space, primals, batch, method)
     )
+
+
+def _tensor_hessian(
+    loss_fn: Callable[..., Tensor],
+    x: Tensor,
+    args: tuple,
+    method: str,
+    data: Iterable[Any] | None,
+) -> CurvatureOperator:
+    """``hessian_operator`` of a function of one tensor: the same operator on ``{"x": x}``."""
+
+    def loss(p: dict[str, Tensor], *batch: Any) -> Tensor:
+        return loss_fn(p["x"], *batch)
+
+    return hessian_operator(loss, {"x": x}, *args, method=method, data=data)
 
 
 def value_grad_hessian(

@@ -71,6 +71,11 @@ class ParamSpace:
             ValueError: ``params`` is empty, holds a non-tensor, or mixes
                 dtypes or devices.
         """
+        if isinstance(params, Tensor):
+            raise ValueError(
+                "params must be a mapping name -> tensor, got a bare tensor: pass {'x': x}, "
+                "or dict(module.named_parameters()) for a module"
+            )
         if not isinstance(params, Mapping) or len(params) == 0:
             raise ValueError("params must be a non-empty mapping name -> tensor")
         names, shapes, sizes = [], [], []

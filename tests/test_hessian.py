@@ -40,6 +40,24 @@ def test_value_grad_hessian_of_a_tensor_function():
     assert H.T is H and value.grad_fn is None and g.grad_fn is None
 
 
+@pytest.mark.parametrize("method", HESSIAN_METHODS)
+def test_hessian_operator_of_a_function_of_one_tensor(method):
+    f, w, (X, y) = logistic_problem()
+    W = w.reshape(5, 1)  # any shape: the operator acts on W.reshape(-1)
+    H = hessian_operator(lambda W, X, y: f(W.reshape(-1), X, y), W, X, y, method=method)
+    torch.testing.assert_close(H.to_dense(), hessian(f)(w, X, y), rtol=1e-12, atol=1e-15)
+    streamed = hessian_operator(
+        lambda W, X, y: f(W.reshape(-1), X, y), W, data=[(X[:25], y[:25]), (X[25:], y[25:])]
+    )
+    # batch weights 25/60 and 35/60 sum to 1, so the regulariser counts once: the full-data mean
+    torch.testing.assert_close(streamed.to_dense(), H.to_dense(), rtol=1e-12, atol=1e-15)
+
+
+def test_a_bare_tensor_as_params_of_the_mapping_api_says_what_to_pass():
+    with pytest.raises(ValueError, match=r"pass \{'x': x\}"):
+        ParamSpace(torch.zeros(3))
+
+
 def test_value_grad_hessian_of_a_matrix_and_of_a_dict():
     A = torch.randn(3, 3, dtype=DT, generator=torch.Generator().manual_seed(1))
 
