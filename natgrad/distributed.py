@@ -405,6 +405,11 @@ class Reducer:
         """``Σ_r x_r`` (``x`` itself when not active)."""
         return all_reduce_sum(x, group=self.group) if self.active else x
 
+    def sum_(self, x: Tensor) -> None:
+        """``x ← Σ_r x_r`` in place (one all-reduce); nothing when not active."""
+        if self.active:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+
     def operator(self, op: Any, weight: float) -> Any:
         """``v -> Σ_r w_r (A_r v)`` (``op`` itself when not active). See :func:`all_reduce_operator`."""
         return all_reduce_operator(op, weight=weight, group=self.group) if self.active else op

@@ -94,8 +94,8 @@ def forward(
     """``z = W_L σ(… σ(W_1 x + b_1) …) + b_L`` for ``x`` of shape ``(*B, in_1)``.
 
     Differentiable (autograd and ``torch.func``; the activation runs in place on the fresh
-    output of ``F.linear``, which both allow). For a 2-D ``x``, ``F.linear`` is
-    ``addmm(b, x, Wᵀ)``, the kernel every caller relied on.
+    output of the affine map, which both allow). A 2-D ``x`` goes straight to
+    ``addmm(b, x, Wᵀ)``, other shapes through ``F.linear``.
 
     Args:
         x: ``(*B, in_1)`` inputs.
@@ -112,7 +112,8 @@ def forward(
     for i, (w, b) in enumerate(layers):
         if inputs is not None:
             inputs.append(x)
-        x = F.linear(x, w, b)
+        # addmm with a transposed view: the kernel F.linear ends in, without its dispatch.
+        x = torch.addmm(b, x, w.t()) if x.ndim == 2 else F.linear(x, w, b)
         if i < last:
             x = act(x)
     return x

@@ -109,13 +109,14 @@ class _AutogradTrainer:
         self.critic, self.optimizer, self.reducer = critic, optimizer, reducer
 
     def step(self, obs: Tensor, returns: Tensor, n_k: float) -> Tensor:
-        """Adam on ``Σ (V − R)² / n_k`` (gradients summed over processes); returns ``Σ (V − R)²``."""
-        sq_sum = (self.critic(obs) - returns).pow(2).sum()
+        """Adam on ``Σ (V − R)² / n_k`` (gradients summed over processes); returns ``V − R``."""
+        diff = self.critic(obs) - returns
+        sq_sum = diff.pow(2).sum()
         self.optimizer.zero_grad(set_to_none=True)
         (sq_sum / n_k).backward()
         self.reducer.sum_gradients(self.critic.parameters())
         self.optimizer.step()
-        return sq_sum.detach()
+        return diff.detach()
 
     def finish(self) -> None:
         pass
@@ -132,9 +133,9 @@ class _FusedTrainer:
         diff = v.view(-1) - returns
         # ∂/∂V of Σ (V − R)² / n_k is 2 (V − R) / n_k.
         self.flat.backward((diff * (2.0 / n_k)).unsqueeze(1), inputs)
-        self.flat.grad.copy_(self.reducer.sum(self.flat.grad))  # a no-op self-copy in one process
+        self.reducer.sum_(self.flat.grad)
         self.flat.adam_step()
-        return torch.dot(diff, diff)
+        return diff
 
     def finish(self) -> None:
         self.flat.write_back()
@@ -195,15 +196,15 @@ def _epochs(
     pieces of ``sizes`` of the permuted batch, piece ``k`` scaled by its global size. Returns
     the last epoch's sum of squared errors (0-d). No host sync with the fused trainer."""
     total = torch.zeros((), dtype=obs.dtype, device=obs.device)
-    for perm in perms:
+    for epoch, perm in enumerate(perms):
         xs, rs = obs.index_select(0, perm), returns.index_select(0, perm)
-        total = torch.zeros((), dtype=obs.dtype, device=obs.device)
+        last = epoch == len(perms) - 1  # the loss is reported for the last epoch only
         start = 0
         for size, n_k in zip(sizes, global_sizes):
             if n_k > 0:  # empty everywhere only if minibatch_size < the number of processes
-                total = total + trainer.step(
-                    xs[start : start + size], rs[start : start + size], n_k
-                )
+                diff = trainer.step(xs[start : start + size], rs[start : start + size], n_k)
+                if last:
+                    total = total + torch.dot(diff, diff)
             start += size
     return total
 
