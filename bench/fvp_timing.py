@@ -32,6 +32,7 @@ import torch
 from torch.func import functional_call
 
 from natgrad.curvature import LINEARIZATIONS, fisher_operator, kl_hessian_operator
+from natgrad.families import kl_divergence
 from natgrad.mlp import mlp_dist_fn
 from natgrad.params import ParamSpace, flat_grad
 
@@ -106,15 +107,7 @@ def main() -> None:
         return (torch.exp(log_prob(p, obs, act) - logp_old) * adv).mean()
 
     def mean_kl(p, obs):
-        mean, log_std = dist(p, obs)
-        var_ratio = torch.exp(2 * (log_std_old - log_std))
-        kl = (
-            log_std
-            - log_std_old
-            + 0.5 * (var_ratio + (mean_old - mean) ** 2 * torch.exp(-2 * log_std))
-            - 0.5
-        )
-        return kl.sum(-1).mean()
+        return kl_divergence("diag_gaussian", (mean_old, log_std_old), dist(p, obs)).mean()
 
     space = ParamSpace(params)
     v = torch.randn(space.numel, dtype=dtype, generator=gen)
