@@ -28,6 +28,13 @@ log(1 − U)``; Gaussian is ``mean + σ·ε``.
 These are the functions a natural-gradient method needs besides the Fisher itself: the
 log-likelihood of a supervised model or the importance ratio of a policy (:func:`log_prob`),
 the exact KL that a line search bounds (:func:`kl_divergence`), the entropy, and sampling.
+
+**Invalid actions** (games, scheduling): :func:`mask_logits` sets the logits of invalid
+actions to ``−inf``. Every function here then describes the categorical restricted to the
+valid actions, ``p_a = exp(l_a) / Σ_{valid} exp(l_b)`` and ``p_a = 0`` otherwise: an invalid
+action is never sampled, its ``log_prob`` is ``−inf``, entropy and KL sum over valid actions
+only, and the output Fisher ``diag(p) − ppᵀ`` of :func:`natgrad.fisher_operator` is zero on
+invalid actions, i.e. the Fisher of the restricted distribution.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ __all__ = [
     "entropy",
     "kl_divergence",
     "log_prob",
+    "mask_logits",
     "mode",
     "sample",
     "sample_from_noise",
@@ -87,6 +95,46 @@ def _categorical_kl(old_logits: Tensor, new_logits: Tensor) -> Tensor:
     # Σ_a p_old(a) (log p_old(a) − log p_new(a)); clamp as in the entropy.
     tiny = torch.finfo(old_logp.dtype).min
     return (old_logp.exp() * (old_logp.clamp(min=tiny) - new_logp.clamp(min=tiny))).sum(-1)
+
+
+def mask_logits(
+    logits: Tensor | Sequence[Tensor], mask: Tensor, *, check: bool = True
+) -> Tensor | list[Tensor]:
+    """``where(mask, logits, −inf)``: the logits of the distribution over valid actions only.
+
+    Gradients and tangents flow into the valid logits only (``torch.where``), so a Fisher
+    or a KL built on the result is that of the restricted distribution (module docstring).
+
+    Args:
+        logits: ``(*B, K)`` categorical logits, or a list of ``(*B, K_i)`` multi-categorical
+            heads.
+        mask: Boolean ``(*B, K)``, or ``(*B, ΣK_i)`` for a list (the heads' masks
+            concatenated, sb3-contrib's convention); True marks a valid action.
+        check: Verify that every state (and head) has a valid action: one host sync.
+
+    Returns:
+        The masked logits, shaped like ``logits`` (a list for a list).
+
+    Raises:
+        ValueError: ``mask`` is not boolean or has the wrong shape; with ``check``, a state
+            or head without a valid action (its distribution would be undefined).
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a boolean tensor, got {got}")
+    heads = [logits] if isinstance(logits, Tensor) else list(logits)
+    sizes = [h.shape[-1] for h in heads]
+    want = (*heads[0].shape[:-1], sum(sizes))
+    if tuple(mask.shape) != tuple(want):
+        raise ValueError(f"mask must have shape {want} to match the logits, got {tuple(mask.shape)}")
+    parts = mask.split(sizes, dim=-1)
+    if check and not all(bool(m.any(-1).all()) for m in parts):
+        raise ValueError(
+            "mask leaves a state without a valid action (a row of the mask, or of one head's "
+            "part of it, is all False)"
+        )
+    out = [torch.where(m, h, -torch.inf) for h, m in zip(heads, parts)]
+    return out[0] if isinstance(logits, Tensor) else out
 
 
 def log_prob(family: str, dist_params: DistParams, actions: Tensor) -> Tensor:
