@@ -17,6 +17,7 @@ import numpy as np
 import scipy.optimize
 import torch
 from optim_vs_peers import logreg
+from threadpoolctl import threadpool_limits
 
 import natgrad
 
@@ -27,6 +28,7 @@ GTOL = 1e-8  # both reach f − f* ≤ 1e-10 with it (checked below)
 def test_trust_ncg_no_slower_than_scipy_on_logistic_regression() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    blas = threadpool_limits(1)  # numpy's BLAS too: the same pinning on both sides
     try:
         p = logreg()
         x0 = torch.tensor(p.x0)
@@ -54,3 +56,4 @@ def test_trust_ncg_no_slower_than_scipy_on_logistic_regression() -> None:
         assert np.isfinite(best["natgrad"]) and best["natgrad"] <= best["scipy"]
     finally:
         torch.set_num_threads(threads)
+        blas.restore_original_limits()
