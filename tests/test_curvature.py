@@ -585,6 +585,9 @@ def test_first_operators_in_a_process_do_not_import_heavy_modules():
         natgrad.ggn_operator(f, p, x) @ v
         natgrad.fisher_operator(f, p, x, family="categorical") @ v
         natgrad.value_grad_hessian(lambda w: (w ** 4).sum(), torch.ones(3))[2] @ torch.ones(3)
+        natgrad.flat_grad(lambda p, x: f(p, x).pow(2).mean(), p, x)
+        natgrad.minimize(lambda w: (w ** 4).sum() + w @ w, torch.ones(3),
+                         hvp=lambda w, v: (12 * w ** 2 + 2) * v)
         heavy = [m for m in ("torch._dynamo", "sympy") if m in sys.modules]
         print(heavy)
         """

@@ -161,3 +161,14 @@ def test_detached_params_shares_storage_and_leaves_the_graph():
     assert space == ParamSpace({"w": w, "b": torch.ones(2)})
     assert not detached["w"].requires_grad and detached["w"].data_ptr() == w.data_ptr()
     assert list(detached) == ["w", "b"]
+
+
+def test_flat_grad_of_a_function_that_ignores_a_parameter_is_zero_there():
+    params = {"used": torch.tensor([1.0, 2.0], dtype=torch.float64),
+              "unused": torch.ones(3, dtype=torch.float64, requires_grad=True)}
+    value, g = flat_grad(lambda p, c: c * (p["used"] ** 2).sum(), params, 3.0)
+    assert value.item() == 15.0 and value.grad_fn is None
+    torch.testing.assert_close(g, torch.tensor([6.0, 12.0, 0, 0, 0], dtype=torch.float64))
+    assert params["unused"].grad is None  # the caller's tensors are never touched
+    _, g0 = flat_grad(lambda p: torch.tensor(1.0, dtype=torch.float64), params)
+    assert torch.equal(g0, torch.zeros(5, dtype=torch.float64))
