@@ -223,6 +223,33 @@ def test_natural_gradient_kl_trust_region_respects_max_kl() -> None:
         assert kl <= 0.01 and kl == pytest.approx(state["kl"]) and after < before
 
 
+def test_natural_gradient_kl_radius_adapts_instead_of_stalling() -> None:
+    """Full batch, separable data: the predictions become confident, the Fisher vanishes and a
+    step of KL max_kl overshoots even after every backtrack. A fixed radius repeats that rejected
+    step forever (measured: the loss freezes at 6.0e-5 from step ~12 on); the adaptive radius
+    quarters and keeps descending."""
+    X = torch.randn(64, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    y = (X[:, 0] + X[:, 1] > 0).long()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    opt = NaturalGradient(model.parameters(), model, family="categorical", max_kl=0.05,
+                          cg_maxiter=20)
+
+    def closure() -> Tensor:
+        return nn.functional.cross_entropy(model(X), y)
+
+    losses, radii = [], []
+    for _ in range(60):
+        opt.step(closure, X)
+        with torch.no_grad():
+            losses.append(float(closure()))
+        radii.append(opt.state[model[0].weight]["radius"])
+    assert all(b <= a for a, b in zip(losses, losses[1:]))  # rejected steps leave θ unchanged
+    assert losses[-1] < 0.5 * losses[20]  # still descending long after a fixed radius froze
+    assert min(radii) < 0.05 / 16 and max(radii) == 0.05
+    assert set(opt.state_dict()["state"][0]) >= {"radius", "accepted", "kl"}
+
+
 def test_mean_kl_closed_forms() -> None:
     old = torch.tensor([[0.0, 1.0, -1.0]], dtype=F64)
     new = torch.tensor([[1.0, 0.0, 0.0]], dtype=F64)

@@ -10,6 +10,14 @@ Fisher ``(1/B) Σ ∇ℓ_i ∇ℓ_iᵀ`` of the per-sample losses):
   :func:`natgrad.line_search` backtracks ``θ + 0.8ᵏΔθ`` until the loss decreases and the
   true mean KL ``E_x[KL(p_θ(·|x) ‖ p_θ'(·|x))] ≤ δ`` — TRPO's update, for a loss instead of
   a surrogate.
+
+Why the radius adapts: TRPO draws a new batch every update, so a rejected step is simply
+skipped. A full-batch optimizer would instead repeat the same rejected step forever — and it
+happens: near a minimum of a classification loss the predictions become confident, the Fisher
+``p(1−p)`` vanishes, and a step of KL ``δ`` overshoots even after every backtrack. So ``δ`` is
+the *largest* radius: the current radius ``δ_k`` (in ``state["radius"]``) is quartered after a
+rejected step and doubled, up to ``δ``, after a full step ``θ + Δθ`` is accepted at once
+(Nocedal & Wright's Alg. 4.1 rule, with the backtracking line search as the reduction test).
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ class NaturalGradient(torch.optim.Optimizer):
         family: The model's output family, one of :data:`natgrad.FAMILIES`, or
             ``"empirical"`` (then the closure returns the per-sample losses ``(B,)``).
         lr: Step size of the fixed-learning-rate update (ignored with ``max_kl``).
-        max_kl: If given, the KL trust region ``δ > 0`` (needs a declared family).
+        max_kl: If given, the largest KL trust-region radius ``δ > 0`` (needs a declared
+            family); the radius in use adapts below it (module docstring).
         damping: ``λ ≥ 0`` added to ``F``.
         cg_maxiter: CG iterations (default 10, as TRPO).
         cg_rtol: CG relative tolerance.
@@ -110,7 +119,8 @@ class NaturalGradient(torch.optim.Optimizer):
             view.write(theta - group_scale(self.param_groups, view) * s)
             state.update(step=state.get("step", 0) + 1)
             return f0.detach()
-        nat = natural_step(-g, F, self._max_kl, damping=opts["damping"], solver=solver)
+        radius = state.get("radius", self._max_kl)
+        nat = natural_step(-g, F, radius, damping=opts["damping"], solver=solver)
         old = F.outputs
         outputs_fn, inputs_t = view.outputs_fn(), _as_tuple(inputs)
 
@@ -118,14 +128,24 @@ class NaturalGradient(torch.optim.Optimizer):
             return mean_kl(self._family, old, outputs_fn(view.as_dict(t), *inputs_t))
 
         ls = line_search(
-            lambda t: -view.value(closure, t), kl, theta, nat.step, delta=self._max_kl,
+            lambda t: -view.value(closure, t), kl, theta, nat.step,
             expected_improvement=nat.expected_improvement, objective_old=-f0,
-            max_tries=self._tries,
+            max_tries=self._tries, delta=radius,
         )
         view.write(ls.theta)
-        state.update(step=state.get("step", 0) + 1, accepted=bool(ls.accepted),
-                     kl=float(ls.constraint), step_status=nat.status.value)
+        accepted = bool(ls.accepted)
+        state.update(step=state.get("step", 0) + 1, accepted=accepted, kl=float(ls.constraint),
+                     step_status=nat.status.value,
+                     radius=_next_radius(radius, self._max_kl, accepted, int(ls.tries)))
         return f0.detach()
+
+
+def _next_radius(radius: float, max_kl: float, accepted: bool, tries: int) -> float:
+    """Quarter the KL radius after a rejected step; double it, up to ``max_kl``, after a full
+    step was accepted at the first try (module docstring)."""
+    if not accepted:
+        return radius / 4.0
+    return min(2.0 * radius, max_kl) if tries == 1 else radius
 
 
 def _as_tuple(inputs: Any) -> tuple:
