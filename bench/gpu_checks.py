@@ -8,7 +8,9 @@
 * the policy step on CUDA equals the CPU step (float64);
 * the CUDA-graph policy step and critic fit equal the eager ones over several updates;
 * the fused Adam kernel is available on CUDA (else the critic graph falls back to eager);
-* ``trpo.train`` runs two updates of CartPole on CUDA (all the update options on).
+* ``trpo.train`` runs two updates of CartPole on CUDA (all the update options on);
+* ``natgrad.minimize`` (both methods), the three ``natgrad.optim`` optimizers and
+  ``natgrad.spectral.lanczos`` give on CUDA what they give on the CPU (float64).
 
 ``python bench/gpu_checks.py --summary CHECKS.json BENCH.json ...`` prints the short table of
 the checks and of the benchmark JSONs written by pytest-benchmark (``--benchmark-json``).
@@ -39,8 +41,11 @@ from bench_problems import make_policy_problem, make_trpo_problem  # noqa: E402
 from natgrad.cg import CG, cg_solve  # noqa: E402
 from natgrad.curvature import fisher_operator  # noqa: E402
 from natgrad.distributed import LOCAL  # noqa: E402
+from natgrad.minimize import minimize  # noqa: E402
 from natgrad.mlp import FlatMLP, fused_adam_available  # noqa: E402
+from natgrad.optim import HessianFree, NaturalGradient, TrustRegionNewton  # noqa: E402
 from natgrad.params import ParamSpace, flat_grad  # noqa: E402
+from natgrad.spectral import lanczos  # noqa: E402
 from natgrad.trust_region import line_search, natural_step  # noqa: E402
 from trpo.critic import CriticSettings, _epochs, _FusedTrainer, fit_critic  # noqa: E402
 from trpo.presets import config_for  # noqa: E402
@@ -217,6 +222,54 @@ def _train_cuda() -> str:
         result = train(config)
         wall = time.perf_counter() - t0
     return f"{result.global_step} steps in {wall:.1f} s"
+
+
+def optim_results(device: str) -> dict[str, torch.Tensor]:
+    """What ``natgrad.minimize``, the optimizers and ``lanczos`` return on ``device`` (float64,
+    same seeds): the values the CUDA check compares with the CPU's."""
+    out: dict[str, torch.Tensor] = {}
+
+    def rosen(x: torch.Tensor) -> torch.Tensor:
+        return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+    x0 = torch.linspace(-1.0, 1.0, 100, dtype=torch.float64, device=device)
+    for method in ("trust-ncg", "newton-cg"):
+        res = minimize(rosen, x0, method=method, gtol=1e-9).raise_if_failed()
+        out[f"minimize {method}"] = res.x
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 5, generator=g, dtype=torch.float64).to(device)
+    y = (X @ torch.randn(5, 3, generator=g, dtype=torch.float64).to(device)).argmax(1)
+    for name in ("HessianFree", "NaturalGradient", "TrustRegionNewton"):
+        out[name] = _three_steps(name, X, y, device)
+    A = torch.randn(60, 60, generator=g, dtype=torch.float64)
+    out["lanczos"] = lanczos((A + A.T).to(device), k=3, tol=1e-10).eigenvalues
+    return out
+
+
+def _three_steps(name: str, X: torch.Tensor, y: torch.Tensor, device: str) -> torch.Tensor:
+    """The flat parameters of a 5-16-3 tanh classifier after 3 steps of optimizer ``name``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 3)).double().to(device)
+    params = model.parameters()
+    if name == "HessianFree":
+        opt = HessianFree(params, model, damping=1.0)
+    elif name == "NaturalGradient":
+        opt = NaturalGradient(params, model, family="categorical", max_kl=0.01)
+    else:
+        opt = TrustRegionNewton(params, model, radius=0.5)
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(X), y), X[:64])
+    return torch.cat([q.detach().flatten() for q in model.parameters()])
+
+
+@check("natgrad.minimize, natgrad.optim and lanczos on CUDA equal the CPU (float64)")
+def _optim_cuda() -> str:
+    cpu, gpu = optim_results("cpu"), optim_results("cuda")
+    errs = {k: float((cpu[k] - gpu[k].cpu()).abs().max()) for k in cpu}
+    bad = {k: e for k, e in errs.items() if not e < 1e-6}
+    assert not bad, f"max |cpu − cuda| too large: {bad}"
+    return ", ".join(f"{k} {e:.0e}" for k, e in errs.items())
 
 
 def run_checks(path: Path | None) -> int:
