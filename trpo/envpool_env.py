@@ -1,0 +1,229 @@
+"""envpool (a C++ thread pool of envs) as a trpo vector env, with trpo's autoreset convention.
+
+envpool steps ``N`` envs on its own threads, several times faster than gymnasium's vector envs
+for cheap simulators (classic control, MuJoCo). Its convention differs from the one
+:mod:`trpo.rollout` consumes, and :class:`EnvPoolVectorEnv` maps one onto the other:
+
+==========================  ==========================================  ===========================
+                            envpool (next-step autoreset)               trpo (same-step autoreset)
+==========================  ==========================================  ===========================
+episode of env i ends at t  ``obs[i]`` is the final observation         ``obs[i]`` is the first
+                                                                        observation of the next
+                                                                        episode; the final one is
+                                                                        ``infos["final_obs"][i]``
+step t + 1 of env i         action ignored, returns the reset obs,      a real transition
+                            reward 0 (a fake "reset transition")
+seeding                     at construction: env i gets ``seed + i``    ``reset(seed=[s_0..s_N-1])``
+==========================  ==========================================  ===========================
+
+So when envs end an episode in ``step``, the adapter keeps their final observations and resets
+exactly those envs at once (``pool.reset(env_ids)``, one extra round trip to the thread pool,
+only on steps where an episode ended); no transition crosses a reset, a truncated episode
+bootstraps from its true final observation, and a terminated one does not (the rollout's GAE
+decides that from the flags). A ``reset(seed=...)`` with other seeds than the pool's re-creates
+the pool (envpool fixes seeds at construction; creating one costs ~30 ms).
+
+envpool is optional (``pip install -e '.[envpool]'``): without it, ``"envpool"`` raises
+:class:`EnvPoolUnavailable`; ``"auto"`` falls back to gymnasium.
+
+Example:
+    >>> resolve_env_backend("gymnasium", "CartPole-v1")
+    'gymnasium'
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import warnings
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.envs.registration import EnvSpec
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+__all__ = [
+    "BACKENDS",
+    "INSTALL_HINT",
+    "EnvPoolUnavailable",
+    "EnvPoolVectorEnv",
+    "resolve_env_backend",
+]
+
+BACKENDS = ("gymnasium", "envpool", "auto")
+"""Values of ``TRPOConfig.env_backend``."""
+INSTALL_HINT = "pip install -e '.[envpool]'"
+
+
+class EnvPoolUnavailable(ValueError, ImportError):
+    """``env_backend="envpool"`` was asked for, but the envpool package cannot be imported."""
+
+
+def import_envpool() -> ModuleType:
+    """The envpool module.
+
+    Raises:
+        EnvPoolUnavailable: it is not installed (or fails to import), naming the extra.
+    """
+    try:
+        return importlib.import_module("envpool")
+    except ImportError as e:
+        raise EnvPoolUnavailable(
+            f"env_backend 'envpool' needs the envpool package ({type(e).__name__}: {e}); "
+            f"install it with: {INSTALL_HINT}  (or use --env-backend gymnasium)"
+        ) from None
+
+
+def _check_listed(envpool: ModuleType, env_id: str) -> None:
+    ids = envpool.list_all_envs()
+    if env_id not in ids:
+        close = difflib.get_close_matches(env_id, ids, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"env_id {env_id!r} is not an envpool env.{hint} envpool.list_all_envs() lists "
+            "them; use --env-backend gymnasium (or auto) for this env"
+        )
+
+
+def resolve_env_backend(backend: str, env_id: str) -> str:
+    """The backend that runs ``env_id``: ``"gymnasium"`` or ``"envpool"``.
+
+    ``"auto"`` is envpool when it is importable and lists ``env_id``, else gymnasium.
+
+    Raises:
+        ValueError: ``backend`` is not one of :data:`BACKENDS`, or ``"envpool"`` was asked for
+            an id envpool does not list.
+        EnvPoolUnavailable: ``"envpool"`` was asked for and envpool is not installed.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"env_backend must be one of {BACKENDS} (got {backend!r})")
+    if backend == "gymnasium":
+        return backend
+    if backend == "auto":
+        try:
+            envpool = import_envpool()
+        except EnvPoolUnavailable:
+            return "gymnasium"
+        return "envpool" if env_id in envpool.list_all_envs() else "gymnasium"
+    _check_listed(import_envpool(), env_id)
+    return "envpool"
+
+
+class EnvPoolVectorEnv(VectorEnv):
+    """``N`` envpool envs behind gymnasium's ``VectorEnv`` API, in same-step autoreset mode.
+
+    ``step(actions (N, *act_shape))`` returns ``(obs (N, *obs_shape), rewards (N,),
+    terminations (N,), truncations (N,), infos)``; where an episode ended, ``obs[i]`` is already
+    the first observation of the next one and ``infos["final_obs"][i]`` (an ``(N, *obs_shape)``
+    array, rows valid where the mask ``infos["_final_obs"]`` is set) the true final one. The
+    infos hold nothing else (:func:`trpo.rollout.collect_rollout` computes episode statistics
+    from the rewards and flags).
+
+    Args:
+        env_id: an id of ``envpool.list_all_envs()``.
+        num_envs: ``N`` ≥ 1.
+        num_threads: envpool worker threads; 0 = envpool's default (``min(N, cores)``).
+        seed: env ``i`` is seeded with ``seed + i`` until a ``reset(seed=...)``.
+        env_kwargs: passed to ``envpool.make`` (e.g. ``max_episode_steps``).
+
+    Raises:
+        EnvPoolUnavailable: envpool is not installed.
+        ValueError: ``env_id`` is not an envpool env, a bad count, or a Dict/Tuple
+            observation space (use the gymnasium backend, which flattens them).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+
+    def __init__(
+        self,
+        env_id: str,
+        num_envs: int,
+        *,
+        num_threads: int = 0,
+        seed: int = 0,
+        env_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        for name, value, low in (("num_envs", num_envs, 1), ("num_threads", num_threads, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int ≥ {low} (got {value!r})")
+        self._envpool = import_envpool()
+        _check_listed(self._envpool, env_id)
+        self._kwargs = dict(env_kwargs or {}, num_envs=num_envs, num_threads=num_threads)
+        self.num_envs, self.spec = num_envs, EnvSpec(id=env_id)
+        self._pool: Any = None
+        self._seeds: list[int] = []
+        self._make_pool([seed + i for i in range(num_envs)])
+        if isinstance(self.single_observation_space, (gym.spaces.Dict, gym.spaces.Tuple)):
+            self.close()
+            raise ValueError(
+                f"{env_id} has a {type(self.single_observation_space).__name__} observation "
+                "space; use --env-backend gymnasium, which flattens it"
+            )
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+
+    def _make_pool(self, seeds: list[int]) -> None:
+        """(Re-)create the pool with env ``i`` seeded ``seeds[i]``."""
+        if self._pool is not None:
+            self._pool.close()
+        arithmetic = all(s == seeds[0] + i for i, s in enumerate(seeds))
+        # `env_seed` (a per-env list) is newer than `seed`; use it only when it is needed.
+        seeding = {"seed": seeds[0]} if arithmetic else {"env_seed": list(seeds)}
+        with warnings.catch_warnings():  # envpool's float64 bounds of float32 Boxes
+            warnings.filterwarnings("ignore", ".*precision lowered", UserWarning)
+            self._pool = self._envpool.make(
+                self.spec.id, env_type="gymnasium", **self._kwargs, **seeding
+            )
+            self.single_observation_space = self._pool.observation_space
+            self.single_action_space = self._pool.action_space
+        self._seeds, self._fresh = list(seeds), True
+
+    def reset(
+        self, *, seed: int | Sequence[int] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Reset every env: ``seed`` an int (env ``i`` gets ``seed + i``) or a list of ``N``
+        seeds (re-seeds, as gymnasium does), or None (continues the envs' random streams).
+
+        Returns:
+            ``(obs (N, *obs_shape), {})``.
+        """
+        if options:
+            raise ValueError(f"EnvPoolVectorEnv.reset takes no options (got {options!r})")
+        if seed is not None:
+            seeds = [int(seed) + i for i in range(self.num_envs)] if np.isscalar(seed) else seed
+            seeds = [int(s) for s in seeds]
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"reset needs {self.num_envs} seeds (got {len(seeds)})")
+            if seeds != self._seeds or not self._fresh:  # a fresh pool is already seeded
+                self._make_pool(seeds)
+        self._fresh = False
+        obs, _ = self._pool.reset()
+        return np.array(obs, copy=True), {}
+
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """One step of every env, same-step autoreset (see the class docstring)."""
+        obs, rewards, terminations, truncations, _ = self._pool.step(np.asarray(actions))
+        done = np.logical_or(terminations, truncations)
+        if not done.any():
+            return obs, rewards, terminations, truncations, {}
+        ids = np.flatnonzero(done).astype(np.int32)
+        # Copies first: the reset's results may reuse the buffers these arrays view.
+        obs, rewards = np.array(obs, copy=True), np.array(rewards, copy=True)
+        terminations, truncations = np.array(terminations), np.array(truncations)
+        final = np.zeros_like(obs)
+        final[ids] = obs[ids]
+        reset_obs, info = self._pool.reset(ids)
+        order = np.asarray(info.get("env_id", ids))
+        obs[order] = reset_obs
+        return obs, rewards, terminations, truncations, {"final_obs": final, "_final_obs": done}
+
+    def close_extras(self, **kwargs: Any) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
