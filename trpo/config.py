@@ -149,7 +149,9 @@ class TRPOConfig:
     n_steps: int = 512
     """Steps per env per update; one update uses a batch of n_envs * n_steps transitions."""
     async_envs: bool = False
-    """Run the envs in subprocesses (gymnasium AsyncVectorEnv) instead of in this process."""
+    """gymnasium: run the envs in subprocesses (AsyncVectorEnv) instead of in this process.
+    envpool: overlap the policy of one half of the envs with the simulation of the other (two
+    pools; the same rollout, faster; n_envs >= 2)."""
     env_backend: Literal["gymnasium", "envpool", "auto"] = "gymnasium"
     """Simulator of the training envs: 'gymnasium', 'envpool' (C++ thread pool, same semantics,
     pip install -e '.[envpool]'; docs/envpool.md) or 'auto' (envpool when installed and it has

@@ -123,12 +123,18 @@ class EnvPoolVectorEnv(VectorEnv):
     infos hold nothing else (:func:`trpo.rollout.collect_rollout` computes episode statistics
     from the rewards and flags).
 
+    With ``pipelined=True`` the envs are two pools, :attr:`groups` ``[0, N//2)`` and
+    ``[N//2, N)``, each stepped in two phases, :meth:`send` then :meth:`recv`, so that one half
+    simulates while the policy acts for the other (:func:`trpo.rollout.collect_rollout` does
+    this); seeds, semantics and ``step`` are the same as with one pool.
+
     Args:
         env_id: an id of ``envpool.list_all_envs()``.
-        num_envs: ``N`` ≥ 1.
-        num_threads: envpool worker threads; 0 = envpool's default (``min(N, cores)``).
+        num_envs: ``N`` ≥ 1 (≥ 2 when pipelined).
+        num_threads: envpool worker threads per pool; 0 = envpool's default (``min(envs, cores)``).
         seed: env ``i`` is seeded with ``seed + i`` until a ``reset(seed=...)``.
         env_kwargs: passed to ``envpool.make`` (e.g. ``max_episode_steps``).
+        pipelined: two pools stepped in alternation (see above).
 
     Raises:
         EnvPoolUnavailable: envpool is not installed.
@@ -146,17 +152,21 @@ class EnvPoolVectorEnv(VectorEnv):
         num_threads: int = 0,
         seed: int = 0,
         env_kwargs: dict[str, Any] | None = None,
+        pipelined: bool = False,
     ) -> None:
-        for name, value, low in (("num_envs", num_envs, 1), ("num_threads", num_threads, 0)):
+        low_envs = 2 if pipelined else 1
+        for name, value, low in (("num_envs", num_envs, low_envs), ("num_threads", num_threads, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int ≥ {low} (got {value!r})")
         self._envpool = import_envpool()
         _check_listed(self._envpool, env_id)
-        self._kwargs = dict(env_kwargs or {}, num_envs=num_envs, num_threads=num_threads)
+        self._kwargs = dict(env_kwargs or {}, num_threads=num_threads)
         self.num_envs, self.spec = num_envs, EnvSpec(id=env_id)
-        self._pool: Any = None
+        half = num_envs // 2
+        self.groups = (slice(0, half), slice(half, num_envs)) if pipelined else (slice(0, None),)
+        self._pools: list[Any] = []
         self._seeds: list[int] = []
-        self._make_pool([seed + i for i in range(num_envs)])
+        self._make_pools([seed + i for i in range(num_envs)])
         if isinstance(self.single_observation_space, (gym.spaces.Dict, gym.spaces.Tuple)):
             self.close()
             raise ValueError(
@@ -166,20 +176,26 @@ class EnvPoolVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
 
-    def _make_pool(self, seeds: list[int]) -> None:
-        """(Re-)create the pool with env ``i`` seeded ``seeds[i]``."""
-        if self._pool is not None:
-            self._pool.close()
-        arithmetic = all(s == seeds[0] + i for i, s in enumerate(seeds))
-        # `env_seed` (a per-env list) is newer than `seed`; use it only when it is needed.
-        seeding = {"seed": seeds[0]} if arithmetic else {"env_seed": list(seeds)}
-        with warnings.catch_warnings():  # envpool's float64 bounds of float32 Boxes
-            warnings.filterwarnings("ignore", ".*precision lowered", UserWarning)
-            self._pool = self._envpool.make(
-                self.spec.id, env_type="gymnasium", **self._kwargs, **seeding
-            )
-            self.single_observation_space = self._pool.observation_space
-            self.single_action_space = self._pool.action_space
+    def _make_pools(self, seeds: list[int]) -> None:
+        """(Re-)create the pools with env ``i`` seeded ``seeds[i]``."""
+        self.close_extras()
+        for rows in self.groups:
+            part = seeds[rows]
+            arithmetic = all(s == part[0] + i for i, s in enumerate(part))
+            # `env_seed` (a per-env list) is newer than `seed`; use it only when it is needed.
+            seeding = {"seed": part[0]} if arithmetic else {"env_seed": part}
+            with warnings.catch_warnings():  # envpool's float64 bounds of float32 Boxes
+                warnings.filterwarnings("ignore", ".*precision lowered", UserWarning)
+                pool = self._envpool.make(
+                    self.spec.id,
+                    env_type="gymnasium",
+                    num_envs=len(part),
+                    **self._kwargs,
+                    **seeding,
+                )
+                self.single_observation_space = pool.observation_space
+                self.single_action_space = pool.action_space
+            self._pools.append(pool)
         self._seeds, self._fresh = list(seeds), True
 
     def reset(
@@ -199,16 +215,21 @@ class EnvPoolVectorEnv(VectorEnv):
             if len(seeds) != self.num_envs:
                 raise ValueError(f"reset needs {self.num_envs} seeds (got {len(seeds)})")
             if seeds != self._seeds or not self._fresh:  # a fresh pool is already seeded
-                self._make_pool(seeds)
+                self._make_pools(seeds)
         self._fresh = False
-        obs, _ = self._pool.reset()
-        return np.array(obs, copy=True), {}
+        return np.concatenate([np.array(pool.reset()[0]) for pool in self._pools]), {}
 
-    def step(
-        self, actions: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        """One step of every env, same-step autoreset (see the class docstring)."""
-        obs, rewards, terminations, truncations, _ = self._pool.step(np.asarray(actions))
+    def send(self, group: int, actions: np.ndarray) -> None:
+        """Start one step of the envs of ``groups[group]`` (``actions`` their rows); returns
+        at once. Every :meth:`send` is followed by the :meth:`recv` of its group."""
+        self._pools[group].send(np.asarray(actions))
+
+    def recv(self, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Wait for the step of ``groups[group]`` sent last: ``(obs, rewards, terminations,
+        truncations, {row in the group: final obs})``, rows of that group, same-step autoreset.
+        """
+        pool = self._pools[group]
+        obs, rewards, terminations, truncations, _ = pool.recv()
         done = np.logical_or(terminations, truncations)
         if not done.any():
             return obs, rewards, terminations, truncations, {}
@@ -216,14 +237,38 @@ class EnvPoolVectorEnv(VectorEnv):
         # Copies first: the reset's results may reuse the buffers these arrays view.
         obs, rewards = np.array(obs, copy=True), np.array(rewards, copy=True)
         terminations, truncations = np.array(terminations), np.array(truncations)
-        final = np.zeros_like(obs)
-        final[ids] = obs[ids]
-        reset_obs, info = self._pool.reset(ids)
-        order = np.asarray(info.get("env_id", ids))
-        obs[order] = reset_obs
-        return obs, rewards, terminations, truncations, {"final_obs": final, "_final_obs": done}
+        finals = {int(i): obs[i].copy() for i in ids}
+        reset_obs, info = pool.reset(ids)
+        obs[np.asarray(info.get("env_id", ids))] = reset_obs
+        return obs, rewards, terminations, truncations, finals
+
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """One step of every env, same-step autoreset (see the class docstring)."""
+        actions = np.asarray(actions)
+        for g, rows in enumerate(self.groups):
+            self.send(g, actions[rows])
+        parts = [self.recv(g) for g in range(len(self.groups))]
+        if len(parts) == 1:
+            obs, rewards, terminations, truncations, finals = parts[0]
+        else:
+            obs, rewards, terminations, truncations = (
+                np.concatenate(x) for x in zip(*(p[:4] for p in parts))
+            )
+            finals = {
+                rows.indices(self.num_envs)[0] + i: f
+                for rows, p in zip(self.groups, parts)
+                for i, f in p[4].items()
+            }
+        if not finals:
+            return obs, rewards, terminations, truncations, {}
+        final, mask = np.zeros_like(obs), np.zeros(self.num_envs, dtype=np.bool_)
+        for i, f in finals.items():
+            final[i], mask[i] = f, True
+        return obs, rewards, terminations, truncations, {"final_obs": final, "_final_obs": mask}
 
     def close_extras(self, **kwargs: Any) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        for pool in self._pools:
+            pool.close()
+        self._pools = []
