@@ -385,8 +385,10 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel
     dp.check_agreement(*state.shared())
     if dp.is_main:
         save_config(config, config.run_dir)
-        threads = f", {config.env_threads or 'default'} threads" * (config.env_backend == "envpool")
-        print(f"env backend: {config.env_backend} ({config.n_envs} envs{threads})", flush=True)
+        pool = config.env_backend == "envpool"
+        extra = f", {config.env_threads or 'default'} threads" * pool
+        extra += ", async" * config.async_envs
+        print(f"env backend: {config.env_backend} ({config.n_envs} envs{extra})", flush=True)
     num_updates = dp.num_updates(config.total_steps, config.batch_size)  # all ranks' steps
     reporter = _Reporter(config, dp, num_updates, state.global_step)
     # An error path that would save the state just restored again leaves its file be.
