@@ -29,7 +29,9 @@ CartPole a raw ``env.step`` costs ~10 µs, so every µs of overhead counts):
 * **Sync envs are stepped directly** (``SyncVectorEnv.envs``, same-step
   autoreset semantics reproduced exactly), skipping the vector env's batching
   and info-dict machinery, which costs more than a cheap env's own step.
-  Async envs go through ``envs.step``.
+  Async envs and envpool (:mod:`trpo.envpool_env`) go through ``envs.step``; an
+  envpool env with two ``groups`` (async collection) is stepped in alternation, the
+  policy acting for one half while the other simulates (:func:`_collect_pipelined`).
 * Rewards, flags and raw observations go into preallocated numpy arrays;
   episode statistics and the finiteness check run once after the loop, on
   those arrays.
