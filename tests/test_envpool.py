@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 import torch
 
 from trpo import TRPOConfig, train
+from trpo.checkpoint import list_checkpoints
 from trpo.envpool_env import (
     EnvPoolUnavailable,
     EnvPoolVectorEnv,
@@ -24,9 +28,11 @@ from trpo.envpool_env import (
 )
 from trpo.envs import make_envs
 from trpo.evaluation import evaluate_policy
+from trpo.logger import read_metrics
 from trpo.policy import make_actor, make_critic
 from trpo.rollout import collect_rollout, init_rollout_state
 
+ROOT = Path(__file__).resolve().parent.parent
 HAS_MUJOCO = importlib.util.find_spec("mujoco") is not None
 needs_envpool = pytest.mark.skipif(
     importlib.util.find_spec("envpool") is None, reason="envpool is not installed"
@@ -334,3 +340,26 @@ def test_policy_trained_on_envpool_scores_in_gymnasiums_env(tmp_path):
     returns = evaluate_policy(result.actor, "CartPole-v1", episodes=5, seed=100)
     assert np.mean(returns) >= 150, returns  # random: about 20
     assert math.isfinite(result.metrics["charts/episode_return"][-1])
+
+
+@needs_envpool
+@pytest.mark.parametrize("async_", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_torchrun_on_envpool(tmp_path, async_):
+    # Two ranks, each its own pool(s) seeded seed + rank · RANK_SEED_STRIDE + i by the same
+    # reset(seed=[...]) as on gymnasium; the episodes of both ranks are gathered.
+    flags = "--env-id CartPole-v1 --env-backend envpool --env-threads 1 --n-envs 2 --n-steps 64"
+    flags += " --hidden-sizes 8 --cg-iters 3 --critic-epochs 1 --eval-episodes 0 --no-progress"
+    flags += " --no-tensorboard --no-plot --checkpoint-every 1 --total-steps 512 --run-name r"
+    flags += " --async-envs" * async_
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "trpo.run", *flags.split(), "--runs-root", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "r"
+    assert json.loads((run_dir / "config.json").read_text())["env_backend"] == "envpool"
+    assert max(u for u, _ in list_checkpoints(run_dir)) == 2  # 512 steps = 2 updates × 2 ranks
+    metrics = read_metrics(run_dir / "metrics.csv")
+    assert metrics["global_step"] == [256, 512]
+    assert all(n > 0 for n in metrics["charts/episodes"])
