@@ -304,6 +304,29 @@ def test_async_collection_gives_the_synchronous_rollout(env_id):
         assert sync.global_step == pipelined.global_step
 
 
+@needs_envpool
+def test_an_env_error_during_async_collection_names_the_step(monkeypatch):
+    envs = make_envs("CartPole-v1", 4, backend="envpool", async_=True, num_threads=1)
+    torch.manual_seed(0)
+    actor = make_actor(envs.single_observation_space, envs.single_action_space, (8,))
+    critic = make_critic(envs.single_observation_space, (8,))
+    state = init_rollout_state(envs, seed=2)
+    real, calls = envs.recv, {"n": 0}
+
+    def recv(group):
+        calls["n"] += 1
+        if calls["n"] == 7:  # group 0 of step 3
+            raise OSError("simulator died")
+        return real(group)
+
+    monkeypatch.setattr(envs, "recv", recv)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(RuntimeError, match=r"raised during step at global step 12: OSError"):
+        collect_rollout(envs, actor, critic, 10, state=state, generator=gen)
+    assert state.global_step == 0  # nothing of the failed rollout was kept
+    envs.close()
+
+
 # --- training on envpool -------------------------------------------------------------------------
 @needs_envpool
 def test_config_records_the_resolved_backend_and_resume_keeps_working(tmp_path, capsys):

@@ -157,7 +157,8 @@ class TRPOConfig:
     pip install -e '.[envpool]'; docs/envpool.md) or 'auto' (envpool when installed and it has
     the id). config.json records the one that ran; evaluation always uses gymnasium's env."""
     env_threads: int = 0
-    """envpool worker threads; 0 = envpool's default, min(n_envs, cores). Unused by gymnasium."""
+    """envpool worker threads per pool (async_envs: two pools); 0 = envpool's default,
+    min(envs in the pool, cores). Unused by gymnasium."""
 
     # --- networks ---------------------------------------------------------------------------
     hidden_sizes: tuple[int, ...] = (64, 64)

@@ -20,8 +20,8 @@ So when envs end an episode in ``step``, the adapter keeps their final observati
 exactly those envs at once (``pool.reset(env_ids)``, one extra round trip to the thread pool,
 only on steps where an episode ended); no transition crosses a reset, a truncated episode
 bootstraps from its true final observation, and a terminated one does not (the rollout's GAE
-decides that from the flags). A ``reset(seed=...)`` with other seeds than the pool's re-creates
-the pool (envpool fixes seeds at construction; creating one costs ~30 ms).
+decides that from the flags). envpool fixes seeds at construction, so a ``reset(seed=...)``
+re-creates the pool with those seeds (~30 ms; not when the pool was just made with them).
 
 envpool is optional (``pip install -e '.[envpool]'``): without it, ``"envpool"`` raises
 :class:`EnvPoolUnavailable`; ``"auto"`` falls back to gymnasium.
@@ -51,6 +51,7 @@ __all__ = [
     "INSTALL_HINT",
     "EnvPoolUnavailable",
     "EnvPoolVectorEnv",
+    "import_envpool",
     "resolve_env_backend",
 ]
 
