@@ -171,6 +171,8 @@ def make_envs(
     if resolve_env_backend(backend, env_id) == "envpool":
         if wrappers:
             raise ValueError("the envpool backend takes no wrappers: use env_backend 'gymnasium'")
+        if async_ and n_envs < 2:
+            raise ValueError("async_envs on envpool steps two halves of the envs: n_envs >= 2")
         return EnvPoolVectorEnv(
             env_id, n_envs, num_threads=num_threads, env_kwargs=env_kwargs, pipelined=async_
         )
