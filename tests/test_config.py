@@ -81,6 +81,10 @@ INVALID = [
     ("log_std_init", 1e300),  # exp overflows: σ = inf
     ("log_std_init", -20.5),  # σ ≈ 10⁻⁹: the Gaussian's density overflows
     ("runs_root", ""),
+    ("env_backend", "gym"),
+    ("env_backend", None),
+    ("env_threads", -1),
+    ("env_threads", 1.5),
 ]
 
 

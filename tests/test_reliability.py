@@ -645,6 +645,8 @@ BAD_VALUES = {
     "n_envs": 0,
     "n_steps": 1.5,
     "async_envs": "yes",
+    "env_backend": "envpol",
+    "env_threads": -1,
     "hidden_sizes": (64, 0),
     "log_std_init": math.nan,
     "gamma": 0.0,

@@ -52,6 +52,7 @@ import gymnasium
 import torch
 import tyro
 
+from trpo.envpool_env import BACKENDS
 from trpo.fileio import RunDirError, atomic_write_bytes, read_regular_file
 
 __all__ = [
@@ -80,7 +81,7 @@ LOG_STD_INIT_BOUND = 20.0
 _DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._=+-]+$")
 _INT_FIELDS = {  # name -> minimum
-    **dict.fromkeys(("seed", "eval_episodes", "torch_threads"), 0),
+    **dict.fromkeys(("seed", "eval_episodes", "torch_threads", "env_threads"), 0),
     **dict.fromkeys(
         (
             "total_steps",
@@ -148,7 +149,16 @@ class TRPOConfig:
     n_steps: int = 512
     """Steps per env per update; one update uses a batch of n_envs * n_steps transitions."""
     async_envs: bool = False
-    """Run the envs in subprocesses (gymnasium AsyncVectorEnv) instead of in this process."""
+    """gymnasium: run the envs in subprocesses (AsyncVectorEnv) instead of in this process.
+    envpool: overlap the policy of one half of the envs with the simulation of the other (two
+    pools; the same rollout, faster; n_envs >= 2)."""
+    env_backend: Literal["gymnasium", "envpool", "auto"] = "gymnasium"
+    """Simulator of the training envs: 'gymnasium', 'envpool' (C++ thread pool, same semantics,
+    pip install -e '.[envpool]'; docs/envpool.md) or 'auto' (envpool when installed and it has
+    the id). config.json records the one that ran; evaluation always uses gymnasium's env."""
+    env_threads: int = 0
+    """envpool worker threads per pool (async_envs: two pools); 0 = envpool's default,
+    min(envs in the pool, cores). Unused by gymnasium."""
 
     # --- networks ---------------------------------------------------------------------------
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -314,6 +324,8 @@ class TRPOConfig:
             raise ValueError(
                 f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (got {self.device!r})"
             )
+        if self.env_backend not in BACKENDS:
+            raise ValueError(f"env_backend must be one of {BACKENDS} (got {self.env_backend!r})")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64' (got {self.dtype!r})")
         if self.memory_limit_gb is not None:

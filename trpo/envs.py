@@ -31,6 +31,8 @@ from gymnasium.spaces import Tuple as TupleSpace
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import FlattenObservation
 
+from trpo.envpool_env import EnvPoolVectorEnv, resolve_env_backend
+
 __all__ = ["env_module", "make_env", "make_envs", "resolve_env_id"]
 
 _NESTED = (DictSpace, TupleSpace)
@@ -132,6 +134,8 @@ def make_envs(
     async_: bool = False,
     env_kwargs: dict[str, Any] | None = None,
     wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]] | None = None,
+    backend: str = "gymnasium",
+    num_threads: int = 0,
 ) -> VectorEnv:
     """Create ``n_envs`` copies of ``env_id`` as one same-step-autoreset vector env.
 
@@ -142,20 +146,36 @@ def make_envs(
         env_id: A registered gymnasium id, e.g. ``"CartPole-v1"``, or ``"module:Env-v0"``
             (``module`` is imported first, as :func:`gymnasium.make` does).
         n_envs: Number of parallel envs ``N`` (≥ 1).
-        async_: One subprocess per env (``AsyncVectorEnv``) instead of stepping
-            them in this process; pays off only for expensive envs.
+        async_: gymnasium: one subprocess per env (``AsyncVectorEnv``) instead of stepping
+            them in this process; pays off only for expensive envs. envpool: two pools that
+            :func:`trpo.rollout.collect_rollout` steps in alternation, overlapping the policy
+            of one half of the envs with the simulation of the other (``n_envs`` ≥ 2).
         env_kwargs: Keyword arguments for the env constructor.
         wrappers: Wrappers applied to each single env (after Dict/Tuple flattening).
+        backend: ``"gymnasium"``, ``"envpool"`` (:class:`trpo.envpool_env.EnvPoolVectorEnv`,
+            same semantics; no ``wrappers``) or ``"auto"``
+            (:func:`trpo.envpool_env.resolve_env_backend`).
+        num_threads: envpool's worker threads (0 = its default); unused by gymnasium.
 
     Returns:
         A :class:`gymnasium.vector.VectorEnv`.
 
     Raises:
         ValueError: If ``env_id`` is not registered (with how to list the ids) or its
-            module cannot be imported, or ``n_envs`` is not positive.
+            module cannot be imported, or ``n_envs`` is not positive, or envpool was asked
+            for an id it lacks, or with ``wrappers``.
+        trpo.envpool_env.EnvPoolUnavailable: envpool was asked for and is not installed.
     """
     if not isinstance(n_envs, int) or isinstance(n_envs, bool) or n_envs <= 0:
         raise ValueError(f"n_envs must be a positive int, got {n_envs!r}")
+    if resolve_env_backend(backend, env_id) == "envpool":
+        if wrappers:
+            raise ValueError("the envpool backend takes no wrappers: use env_backend 'gymnasium'")
+        if async_ and n_envs < 2:
+            raise ValueError("async_envs on envpool steps two halves of the envs: n_envs >= 2")
+        return EnvPoolVectorEnv(
+            env_id, n_envs, num_threads=num_threads, env_kwargs=env_kwargs, pipelined=async_
+        )
     resolve_env_id(env_id)
     # Called in this process for each sync env, and for the probe env that AsyncVectorEnv
     # builds here to learn the spaces, so the notice is printed in both modes.

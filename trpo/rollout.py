@@ -29,7 +29,9 @@ CartPole a raw ``env.step`` costs ~10 µs, so every µs of overhead counts):
 * **Sync envs are stepped directly** (``SyncVectorEnv.envs``, same-step
   autoreset semantics reproduced exactly), skipping the vector env's batching
   and info-dict machinery, which costs more than a cheap env's own step.
-  Async envs go through ``envs.step``.
+  Async envs and envpool (:mod:`trpo.envpool_env`) go through ``envs.step``; an
+  envpool env with two ``groups`` (async collection) is stepped in alternation, the
+  policy acting for one half while the other simulates (:func:`_collect_pipelined`).
 * Rewards, flags and raw observations go into preallocated numpy arrays;
   episode statistics and the finiteness check run once after the loop, on
   those arrays.
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -239,6 +241,24 @@ def _raise_if_nonfinite(
         ) from cause
 
 
+def _raise_env_error(
+    env_id: str,
+    step0: int,
+    t: int,
+    obs_buf: np.ndarray,
+    rew_buf: np.ndarray,
+    finals: Sequence[tuple[int, int, np.ndarray]],
+    error: Exception,
+) -> None:
+    """An env raised during vector step ``t``: ``ValueError`` if an output stored before it
+    was non-finite (the likelier root cause), else ``RuntimeError`` naming the step."""
+    _raise_if_nonfinite(env_id, step0, obs_buf[1 : t + 1], rew_buf[:t], finals, error)
+    raise RuntimeError(
+        f"env {env_id!r} raised during step at global step {step0 + t * rew_buf.shape[1]}: "
+        f"{type(error).__name__}: {error}"
+    ) from error
+
+
 def _env_stepper(
     envs: VectorEnv,
     obs_buf: np.ndarray,
@@ -297,13 +317,14 @@ def _torch_policy(
     # Per-step noise views made once (indexing a list of heads every step costs more).
     steps = list(zip(*(n.unbind(0) for n in noise))) if isinstance(noise, list) else noise.unbind(0)
 
-    def act(t: int, obs: np.ndarray) -> np.ndarray:
+    def act(t: int, obs: np.ndarray, rows: slice | None = None) -> np.ndarray:
         x = torch.from_numpy(obs)
         if not cpu:
             x = x.to(device, non_blocking=True)
         if normalize is not None:
             x = normalize(x)
-        a = sample_from_noise(family, policy(x), steps[t])
+        eps = steps[t] if rows is None else _rows_of(steps[t], rows)
+        a = sample_from_noise(family, policy(x), eps)
         return a.numpy() if cpu else a.cpu().numpy()
 
     return act
@@ -343,10 +364,62 @@ def _numpy_policy(
         def sample(params, eps):
             return (params > eps).astype(params.dtype)
 
-    def act(t: int, obs: np.ndarray) -> np.ndarray:
-        return sample(policy(normalize(obs) if normalize is not None else obs), steps[t])
+    def act(t: int, obs: np.ndarray, rows: slice | None = None) -> np.ndarray:
+        eps = steps[t] if rows is None else _rows_of(steps[t], rows)
+        return sample(policy(normalize(obs) if normalize is not None else obs), eps)
 
     return act
+
+
+def _rows_of(noise: Any, rows: slice) -> Any:
+    """The rows ``rows`` of one step's noise (an array, or a list/tuple of heads)."""
+    return [h[rows] for h in noise] if isinstance(noise, (list, tuple)) else noise[rows]
+
+
+def _collect_pipelined(
+    envs: Any,
+    act: Callable[..., np.ndarray],
+    to_env: Callable[[np.ndarray], np.ndarray],
+    bufs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    finals: list[tuple[int, int, np.ndarray]],
+    act_buf: list[np.ndarray],
+    done: list[int],
+) -> None:
+    """Steps ``0..T-1`` of an env with two :attr:`groups` (``EnvPoolVectorEnv(pipelined=
+    True)``): the policy acts for one half while the other half simulates.
+
+    Order: act(0, A) send A; then per step t: act(t, B) send B | recv A (t) | act(t+1, A) send
+    A | recv B (t). Each env still takes its ``T`` steps in order, each with its action from its
+    own observation, and every action comes from the same (current) policy and the same noise
+    rows as in the synchronous loop, so the rollout is the same, only faster.
+    ``done[0]`` counts the vector steps whose every row is stored (for error messages).
+    """
+    obs_buf, rew_buf, term_buf, trunc_buf = bufs
+    T = rew_buf.shape[0]
+
+    def launch(t: int, g: int) -> None:
+        rows = envs.groups[g]
+        a = act(t, obs_buf[t, rows], rows)
+        if not act_buf:
+            act_buf.append(np.empty((T, obs_buf.shape[1], *a.shape[1:]), dtype=a.dtype))
+        act_buf[0][t, rows] = a
+        envs.send(g, to_env(a))
+
+    def land(t: int, g: int) -> None:
+        rows = envs.groups[g]
+        obs_buf[t + 1, rows], rew_buf[t, rows], term_buf[t, rows], trunc_buf[t, rows], fin = (
+            envs.recv(g)
+        )
+        finals.extend((t, rows.indices(obs_buf.shape[1])[0] + i, f) for i, f in fin.items())
+
+    launch(0, 0)
+    for t in range(T):
+        launch(t, 1)
+        land(t, 0)
+        if t + 1 < T:
+            launch(t + 1, 0)
+        land(t, 1)
+        done[0] = t + 1
 
 
 def collect_rollout(
@@ -439,7 +512,16 @@ def collect_rollout(
             act = _numpy_policy(actor, noise, obs_normalizer, obs_buf.dtype)
         else:
             act = _torch_policy(actor, noise, obs_normalizer, device)
-        for t in range(T):
+        if len(getattr(envs, "groups", ())) == 2:
+            holder: list[np.ndarray] = []
+            done = [0]
+            bufs = (obs_buf, rew_buf, term_buf, trunc_buf)
+            try:
+                _collect_pipelined(envs, act, to_env, bufs, finals, holder, done)
+            except Exception as e:
+                _raise_env_error(env_id, step0, done[0], obs_buf, rew_buf, finals, e)
+            act_buf = holder[0]
+        for t in range(T if act_buf is None else 0):
             a_np = act(t, obs_buf[t])
             if act_buf is None:
                 act_buf = np.empty((T, *a_np.shape), dtype=a_np.dtype)
@@ -447,12 +529,7 @@ def collect_rollout(
             try:
                 env_step(t, to_env(a_np))
             except Exception as e:
-                # A non-finite output before the crash is the likelier root cause.
-                _raise_if_nonfinite(env_id, step0, obs_buf[1 : t + 1], rew_buf[:t], finals, e)
-                raise RuntimeError(
-                    f"env {env_id!r} raised during step at global step {step0 + t * N}: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
+                _raise_env_error(env_id, step0, t, obs_buf, rew_buf, finals, e)
 
     # One vectorised check for the whole rollout instead of one per step; the policy
     # may have acted on a non-finite observation meanwhile, but nothing of this

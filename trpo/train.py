@@ -58,6 +58,7 @@ from trpo.config import (
 from trpo.critic import CriticFitResult, CriticSettings, explained_variance, fit_critic
 from trpo.distributed import DataParallel, NullLogger
 from trpo.divergence import CriticWatch
+from trpo.envpool_env import resolve_env_backend
 from trpo.evaluation import evaluate_policy
 from trpo.gae import compute_gae, normalize_advantages
 from trpo.interrupt import ImmediateInterrupt, StopOnSignal, children_ignore_sigint, signal_name
@@ -196,6 +197,7 @@ def train(config: TRPOConfig) -> TrainResult:
     if config.resume is not None:
         config = resume_config(config)
     check_env_id(config.env_id)
+    config = _resolve_backend(config)
     check_device(config.device)
     # The exact memory estimate needs the spaces, known only once an env exists; with the
     # smallest spaces (1, 1) it is a lower bound, so a hopeless batch is refused before any
@@ -383,6 +385,10 @@ def _train(config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel
     dp.check_agreement(*state.shared())
     if dp.is_main:
         save_config(config, config.run_dir)
+        pool = config.env_backend == "envpool"
+        extra = f", {config.env_threads or 'default'} threads" * pool
+        extra += ", async" * config.async_envs
+        print(f"env backend: {config.env_backend} ({config.n_envs} envs{extra})", flush=True)
     num_updates = dp.num_updates(config.total_steps, config.batch_size)  # all ranks' steps
     reporter = _Reporter(config, dp, num_updates, state.global_step)
     # An error path that would save the state just restored again leaves its file be.
@@ -493,7 +499,13 @@ def _make_envs(config: TRPOConfig) -> Any:
     try:
         # Subprocess envs must not die of a terminal's Ctrl-C: the run stops on it itself.
         with children_ignore_sigint(config.async_envs):
-            return make_envs(config.env_id, config.n_envs, async_=config.async_envs)
+            return make_envs(
+                config.env_id,
+                config.n_envs,
+                async_=config.async_envs,
+                backend=config.env_backend,
+                num_threads=config.env_threads,
+            )
     except ValueError:
         raise
     except Exception as e:
@@ -828,6 +840,20 @@ def _finish(config: TRPOConfig, state: _State, dp: DataParallel) -> TrainResult:
 
 
 # --------------------------------------------------------------------------------- helpers
+def _resolve_backend(config: TRPOConfig) -> TRPOConfig:
+    """``config`` with ``env_backend`` the one that runs (``"auto"`` resolved), which
+    config.json then records.
+
+    Raises:
+        ValueError: envpool was asked for an id it lacks, or is not installed
+            (:class:`trpo.envpool_env.EnvPoolUnavailable`, naming the extra).
+    """
+    backend = resolve_env_backend(config.env_backend, config.env_id)
+    if backend == config.env_backend:
+        return config
+    return dataclasses.replace(config, env_backend=backend).with_given(config.given_fields)
+
+
 def _env_reset_seed(config: TRPOConfig, update: int) -> int:
     # Fresh episodes after a resume must not replay the episodes of update 0.
     return config.seed + 7919 * update
