@@ -503,7 +503,10 @@ def test_killed_rank_stops_the_other_and_torchrun_resumes_with_one_set_of_artifa
     # total_steps counts both ranks' steps: one row per update of 2 × 128 transitions, the
     # rows of the killed run up to its checkpoint kept, none repeated.
     assert metrics["global_step"] == [GLOBAL_BATCH * u for u in range(1, last + 3)]
-    assert all(n > 0 for n in metrics["charts/episodes"])  # gathered from both ranks
+    # Gathered from both ranks. Only the first updates surely end episodes: once the policy
+    # balances, an update of 128 steps per rank can end none (a loaded machine trains longer
+    # before the kill, which made an all-rows check flaky).
+    assert all(n > 0 for n in metrics["charts/episodes"][:2])
 
 
 def test_kl_of_the_distributed_step_is_within_the_trust_region(ranks):
