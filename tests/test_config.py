@@ -81,6 +81,9 @@ INVALID = [
     ("log_std_init", 1e300),  # exp overflows: σ = inf
     ("log_std_init", -20.5),  # σ ≈ 10⁻⁹: the Gaussian's density overflows
     ("runs_root", ""),
+    ("actor_factory", "pkg.mod"),
+    ("actor_factory", "pkg/mod:f"),
+    ("critic_factory", ":f"),
 ]
 
 
@@ -264,6 +267,7 @@ def test_resume_config_keeps_the_saved_fields_the_caller_did_not_give(saved_run)
         ("hidden_sizes", (32,)),
         ("normalize_obs", False),
         ("normalize_reward", False),
+        ("actor_factory", "pkg.mod:actor"),
     ],
 )
 def test_resume_config_refuses_what_the_checkpoint_fixes(saved_run, field, value):

@@ -647,6 +647,8 @@ BAD_VALUES = {
     "async_envs": "yes",
     "hidden_sizes": (64, 0),
     "log_std_init": math.nan,
+    "actor_factory": "package.module.factory",
+    "critic_factory": 3,
     "gamma": 0.0,
     "gae_lambda": 1.5,
     "normalize_advantages": 1,

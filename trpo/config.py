@@ -71,13 +71,21 @@ CONFIG_FILENAME = "config.json"
 _MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; anything larger is not ours
 """Name of the resolved config saved in every run directory."""
 
-FIXED_ON_RESUME = ("env_id", "hidden_sizes", "normalize_obs", "normalize_reward")
+FIXED_ON_RESUME = (
+    "env_id",
+    "hidden_sizes",
+    "normalize_obs",
+    "normalize_reward",
+    "actor_factory",
+    "critic_factory",
+)
 """Fields a resumed run cannot change: the checkpoint's networks and statistics are theirs."""
 
 LOG_STD_INIT_BOUND = 20.0
 """``log_std_init`` must lie in ``[-LOG_STD_INIT_BOUND, LOG_STD_INIT_BOUND]``."""
 
 _DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._=+-]+$")
 _INT_FIELDS = {  # name -> minimum
     **dict.fromkeys(("seed", "eval_episodes", "torch_threads"), 0),
@@ -156,6 +164,13 @@ class TRPOConfig:
     log_std_init: float = 0.0
     """Initial log standard deviation of the diagonal Gaussian policy (Box actions only), in
     [-20, 20]: σ = exp(log_std_init) must be a usable, finite standard deviation."""
+    actor_factory: str | None = None
+    """Your actor network: 'package.module:factory', called as factory(observation_space,
+    action_space) -> torch.nn.Module returning the distribution parameters (docs/policies.md);
+    None = the built-in network."""
+    critic_factory: str | None = None
+    """Your critic network: 'package.module:factory', called as factory(observation_space,
+    action_space) -> torch.nn.Module returning values (B,) or (B, 1); None = built in."""
 
     # --- returns and advantages -------------------------------------------------------------
     gamma: float = 0.99
@@ -298,6 +313,13 @@ class TRPOConfig:
             raise ValueError(
                 f"hidden_sizes must be a tuple of positive ints (got {self.hidden_sizes!r})"
             )
+        for name in ("actor_factory", "critic_factory"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not _FACTORY_RE.match(value)):
+                raise ValueError(
+                    f"{name} must be None or an import path 'package.module:factory' "
+                    f"(got {value!r})"
+                )
         _check_str(self, "runs_root")
         if self.run_name is not None and (
             not isinstance(self.run_name, str)

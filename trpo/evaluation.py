@@ -29,8 +29,10 @@ from trpo.checkpoint import check_state_shapes, load_latest_checkpoint
 from trpo.config import CONFIG_FILENAME, load_config
 from trpo.envs import env_module, make_env
 from trpo.fileio import atomic_writer, read_regular_file
+from trpo.modules import ModuleActor, check_user_modules
+from trpo.networks import build_actor
 from trpo.normalize import RunningMeanStd
-from trpo.policy import Actor, make_actor, mode
+from trpo.policy import Actor, mode
 from trpo.rollout import env_action_converter
 
 __all__ = ["DEFAULT_MAX_EPISODE_STEPS", "evaluate_policy", "load_policy"]
@@ -177,16 +179,18 @@ def evaluate_policy(
 
 
 def load_policy(
-    run_dir: str | Path, *, allow_import: bool = False
-) -> tuple[Actor, RunningMeanStd | None, str]:
+    run_dir: str | Path, *, allow_import: bool = False, actor: torch.nn.Module | None = None
+) -> tuple[Actor | ModuleActor, RunningMeanStd | None, str]:
     """The actor, frozen observation statistics and env id of a run's newest valid checkpoint
     that fits the run's env and network (others are skipped with a warning on stderr).
 
     Args:
         run_dir: a run directory written by ``python -m trpo.run``.
         allow_import: resolve a ``"module:Env-v0"`` id of the run's ``config.json`` by
-            importing ``module``. Off by default: a run directory may come from someone else,
-            and importing a module runs its code.
+            importing ``module``, and its ``actor_factory`` likewise. Off by default: a run
+            directory may come from someone else, and importing a module runs its code.
+        actor: for a run trained with ``train(config, actor=module)`` and no
+            ``actor_factory``: a module of the same architecture (its weights are replaced).
 
     Raises:
         RunDirError: ``config.json`` is a link, a FIFO or another non-regular file.
@@ -198,30 +202,39 @@ def load_policy(
     with contextlib.suppress(FileNotFoundError):  # load_config names a missing one
         read_regular_file(Path(run_dir) / CONFIG_FILENAME, max_bytes=_MAX_CONFIG_BYTES)
     config = load_config(run_dir)
-    module = env_module(config.env_id)
-    if module is not None and not allow_import:
-        raise ValueError(
-            f"{Path(run_dir) / 'config.json'} names env {config.env_id!r}, which would import "
-            f"the Python module {module!r} and run its code; if you trust this run directory, "
-            "pass --allow-import (allow_import=True)"
-        )
+    imports = {"env": env_module(config.env_id)}
+    if actor is None and config.actor_factory is not None:
+        imports["actor_factory"] = config.actor_factory.partition(":")[0]
+    for what, module in imports.items():
+        if module is not None and not allow_import:
+            raise ValueError(
+                f"{Path(run_dir) / 'config.json'} names {what} "
+                f"{getattr(config, what, config.env_id)!r}, which would import the Python "
+                f"module {module!r} and run its code; if you trust this run directory, pass "
+                "--allow-import (allow_import=True)"
+            )
     env = make_env(config.env_id)
     try:
-        actor = make_actor(env.observation_space, env.action_space, config.hidden_sizes)
+        policy = build_actor(config, env.observation_space, env.action_space, actor)
         obs_shape = tuple(env.observation_space.shape)
     finally:
         env.close()
-    actor = actor.to(dtype=config.torch_dtype())
+    policy = policy.to(dtype=config.torch_dtype())
     loaded = load_latest_checkpoint(
-        run_dir, validate=lambda state: check_state_shapes(state, actor=actor)
+        run_dir,
+        validate=lambda state: (
+            # Only the actor is loaded: a critic that was a module does not matter here.
+            check_user_modules(state, ("critic",) if actor is None else ("actor", "critic")),
+            check_state_shapes(state, actor=policy),
+        ),
     )
     for path, reason in loaded.skipped:
         print(f"warning: skipped checkpoint {path}: {reason}", file=sys.stderr)
     state = loaded.state
-    actor.load_state_dict(state["actor"])
+    policy.load_state_dict(state["actor"])
     obs_rms = None
     if "obs_rms" in state:
         obs_rms = RunningMeanStd(obs_shape, clip=config.obs_clip)
         obs_rms.load_state_dict(state["obs_rms"])
         obs_rms.frozen = True
-    return actor, obs_rms, config.env_id
+    return policy, obs_rms, config.env_id

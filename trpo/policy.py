@@ -53,6 +53,7 @@ __all__ = [
     "FAMILIES",
     "Actor",
     "Critic",
+    "action_family",
     "DistParams",
     "draw_noise",
     "entropy",
@@ -81,6 +82,44 @@ def observation_dim(observation_space: gym.Space) -> int:
             f"gymnasium.wrappers.FlattenObservation, one-hot Discrete ones)"
         )
     return int(np.prod(observation_space.shape, dtype=np.int64))
+
+
+def action_family(action_space: gym.Space) -> tuple[str, int, tuple[int, ...]]:
+    """``(family, head width, nvec)`` of an action space: ``("categorical", K, ())`` for
+    ``Discrete(K)``, ``("diag_gaussian", d, ())`` for a 1-D ``Box``, ``("multi_categorical",
+    ΣK_i, nvec)`` for a 1-D ``MultiDiscrete``, ``("bernoulli", d, ())`` for ``MultiBinary(d)``.
+
+    Raises:
+        ValueError: Naming the space when it is not supported.
+    """
+    nvec: tuple[int, ...] = ()
+    if isinstance(action_space, gym.spaces.Discrete):
+        family, out = "categorical", int(action_space.n)
+    elif isinstance(action_space, gym.spaces.Box):
+        if len(action_space.shape) != 1:
+            raise ValueError(
+                f"action_space {action_space!r} is not supported: Box actions must be 1-D"
+            )
+        family, out = "diag_gaussian", int(action_space.shape[0])
+    elif isinstance(action_space, gym.spaces.MultiDiscrete):
+        if action_space.nvec.ndim != 1:
+            raise ValueError(
+                f"action_space {action_space!r} is not supported: MultiDiscrete must be 1-D"
+            )
+        nvec = tuple(int(n) for n in action_space.nvec)
+        family, out = "multi_categorical", sum(nvec)
+    elif isinstance(action_space, gym.spaces.MultiBinary):
+        if len(action_space.shape) != 1:
+            raise ValueError(
+                f"action_space {action_space!r} is not supported: MultiBinary must be 1-D"
+            )
+        family, out = "bernoulli", int(action_space.shape[0])
+    else:
+        raise ValueError(
+            f"action_space {action_space!r} is not supported: use Discrete, Box, "
+            f"MultiDiscrete or MultiBinary"
+        )
+    return family, out, nvec
 
 
 def _mlp_layers(sizes: Sequence[int]) -> nn.ModuleList:
@@ -149,33 +188,7 @@ class Actor(_MLP):
     ):
         obs_dim = observation_dim(observation_space)
         hidden = _check_hidden_sizes(hidden_sizes)
-        nvec: tuple[int, ...] = ()
-        if isinstance(action_space, gym.spaces.Discrete):
-            family, out = "categorical", int(action_space.n)
-        elif isinstance(action_space, gym.spaces.Box):
-            if len(action_space.shape) != 1:
-                raise ValueError(
-                    f"action_space {action_space!r} is not supported: Box actions must be 1-D"
-                )
-            family, out = "diag_gaussian", int(action_space.shape[0])
-        elif isinstance(action_space, gym.spaces.MultiDiscrete):
-            if action_space.nvec.ndim != 1:
-                raise ValueError(
-                    f"action_space {action_space!r} is not supported: MultiDiscrete must be 1-D"
-                )
-            nvec = tuple(int(n) for n in action_space.nvec)
-            family, out = "multi_categorical", sum(nvec)
-        elif isinstance(action_space, gym.spaces.MultiBinary):
-            if len(action_space.shape) != 1:
-                raise ValueError(
-                    f"action_space {action_space!r} is not supported: MultiBinary must be 1-D"
-                )
-            family, out = "bernoulli", int(action_space.shape[0])
-        else:
-            raise ValueError(
-                f"action_space {action_space!r} is not supported: use Discrete, Box, "
-                f"MultiDiscrete or MultiBinary"
-            )
+        family, out, nvec = action_family(action_space)
         super().__init__(tuple(observation_space.shape), (obs_dim, *hidden, out), last_gain=0.01)
         self.family = family
         self.action_space = action_space

@@ -435,7 +435,11 @@ def collect_rollout(
         x0 = torch.from_numpy(obs_buf[0]).to(device)
         probe = actor.inference_fn()(normalize(x0) if normalize is not None else x0)
         noise = draw_noise(family, probe, generator, batch_shape=(T,))
-        if policy_backend == "numpy" or (policy_backend == "auto" and cpu):
+        if actor.numpy_inference_fn is None and policy_backend == "numpy":
+            raise ValueError("policy_backend='numpy' needs the built-in MLP actor")
+        if actor.numpy_inference_fn is not None and (
+            policy_backend == "numpy" or (policy_backend == "auto" and cpu)
+        ):
             act = _numpy_policy(actor, noise, obs_normalizer, obs_buf.dtype)
         else:
             act = _torch_policy(actor, noise, obs_normalizer, device)
@@ -480,7 +484,10 @@ def collect_rollout(
         if normalize is None:
             obs_policy = obs_policy.clone()  # do not alias the numpy buffer
         actions = torch.from_numpy(act_buf).to(device)
-        log_probs = log_prob(family, actor(obs_policy), actions)
+        # The actor sees (B, *obs_shape) batches only (the protocol of trpo.modules).
+        dist = actor(obs_policy.reshape(T * N, *obs_policy.shape[2:]))
+        log_probs = log_prob(family, dist, actions.reshape(T * N, *actions.shape[2:]))
+        log_probs = log_probs.reshape(T, N)
 
     terminations = torch.from_numpy(term_buf)
     truncations = torch.from_numpy(trunc_buf)
