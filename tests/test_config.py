@@ -84,6 +84,7 @@ INVALID = [
     ("actor_factory", "pkg.mod"),
     ("actor_factory", "pkg/mod:f"),
     ("critic_factory", ":f"),
+    ("action_masks", "true"),
 ]
 
 

@@ -645,6 +645,7 @@ BAD_VALUES = {
     "n_envs": 0,
     "n_steps": 1.5,
     "async_envs": "yes",
+    "action_masks": "yes",
     "hidden_sizes": (64, 0),
     "log_std_init": math.nan,
     "actor_factory": "package.module.factory",

@@ -157,6 +157,10 @@ class TRPOConfig:
     """Steps per env per update; one update uses a batch of n_envs * n_steps transitions."""
     async_envs: bool = False
     """Run the envs in subprocesses (gymnasium AsyncVectorEnv) instead of in this process."""
+    action_masks: Literal["auto", "on", "off"] = "auto"
+    """Invalid-action masks (Discrete/MultiDiscrete) from info['action_mask'] or an env method
+    action_masks(): 'auto' = where the env provides them, 'on' = required, 'off' = ignored.
+    Used in sampling, log-probs, entropy, KL, Fisher and evaluation (docs/policies.md)."""
 
     # --- networks ---------------------------------------------------------------------------
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -336,6 +340,8 @@ class TRPOConfig:
             raise ValueError(
                 f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (got {self.device!r})"
             )
+        if self.action_masks not in ("auto", "on", "off"):
+            raise ValueError(f"action_masks must be 'auto', 'on' or 'off' (got {self.action_masks!r})")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64' (got {self.dtype!r})")
         if self.memory_limit_gb is not None:

@@ -25,10 +25,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from natgrad.families import mask_logits
 from trpo.checkpoint import check_state_shapes, load_latest_checkpoint
 from trpo.config import CONFIG_FILENAME, load_config
 from trpo.envs import env_module, make_env
 from trpo.fileio import atomic_writer, read_regular_file
+from trpo.masks import env_mask, mask_source
 from trpo.modules import ModuleActor, check_user_modules
 from trpo.networks import build_actor
 from trpo.normalize import RunningMeanStd
@@ -85,6 +87,7 @@ def evaluate_policy(
     video_path: str | Path | None = None,
     max_video_frames: int = 1000,
     max_episode_steps: int | None = None,
+    action_masks: str = "auto",
 ) -> list[float]:
     """Undiscounted returns of ``episodes`` episodes of the deterministic policy.
 
@@ -103,6 +106,8 @@ def evaluate_policy(
         max_episode_steps: Cap on an episode's steps; None = the env's ``max_episode_steps``,
             else :data:`DEFAULT_MAX_EPISODE_STEPS`. An episode ended by the cap counts with
             the return of its first ``max_episode_steps`` steps, and a warning says so.
+        action_masks: ``"auto"`` / ``"on"`` / ``"off"``: play the mode of the policy
+            restricted to the valid actions where the env provides masks (:mod:`trpo.masks`).
 
     Returns:
         One return per episode.
@@ -144,7 +149,9 @@ def evaluate_policy(
 
     try:
         for i in range(episodes):
-            obs, _ = env.reset(seed=seed + i)
+            obs, info = env.reset(seed=seed + i)
+            if i == 0:
+                source = mask_source(action_masks, env.action_space, info, env)
             _check_finite(env_id, i, 0, obs, 0.0)
             if recording and i == 0:
                 grab()
@@ -154,8 +161,14 @@ def evaluate_policy(
                 if obs_normalizer is not None:
                     x = obs_normalizer.normalize(x)
                 with torch.inference_mode():
-                    action = mode(actor.family, actor(x.unsqueeze(0)))[0]
-                obs, reward, terminated, truncated, _ = env.step(to_env(action.cpu().numpy()))
+                    dist = actor(x.unsqueeze(0))
+                    if source is not None:
+                        mask = torch.as_tensor(env_mask(env, info, source), device=param.device)
+                        dist = mask_logits(dist, mask.unsqueeze(0))
+                    action = mode(actor.family, dist)[0]
+                a = to_env(action.cpu().numpy())
+                # A Discrete action as a Python int: some envs (Taxi) index tables with it.
+                obs, reward, terminated, truncated, info = env.step(a.item() if a.ndim == 0 else a)
                 steps += 1
                 _check_finite(env_id, i, steps, obs, reward)
                 total += float(reward)

@@ -68,6 +68,7 @@ from trpo.logger import (
     plot_learning_curve,
     read_metrics,
 )
+from trpo.masks import check_mask_space
 from trpo.memory import check_memory
 from trpo.modules import check_user_modules
 from trpo.networks import build_actor, build_critic
@@ -319,6 +320,7 @@ def _build(
     """Fresh networks (or the user's ``modules`` = (actor, critic), each possibly None), critic
     optimiser, generators and normalisers, seeded by ``config.seed``."""
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    check_mask_space(config.action_masks, act_space)
     dtype = config.torch_dtype()
     torch.manual_seed(config.seed)
     actor = build_actor(config, obs_space, act_space, modules[0]).to(device=device, dtype=dtype)
@@ -543,7 +545,9 @@ def _reset_envs(envs: Any, config: TRPOConfig, state: _State, dp: DataParallel) 
     """
     reset_seed = dp.env_seed(_env_reset_seed(config, state.update))
     try:
-        return init_rollout_state(envs, reset_seed, global_step=state.global_step)
+        return init_rollout_state(
+            envs, reset_seed, global_step=state.global_step, action_masks=config.action_masks
+        )
     except Exception as e:
         where = (
             f"the run in {config.run_dir} is unchanged at update {state.update}; resume it "
@@ -624,7 +628,11 @@ def _advantages(
         adv = normalize_advantages(adv, reducer=dp.reducer)
     obs = rollout.obs.reshape(rollout.batch_size, *rollout.obs.shape[2:])
     actions = rollout.actions.reshape(rollout.batch_size, *rollout.actions.shape[2:])
-    return PolicyBatch(obs=obs, actions=actions, advantages=adv), returns.reshape(-1)
+    masks = rollout.action_masks
+    if masks is not None:
+        masks = masks.reshape(rollout.batch_size, -1)
+    batch = PolicyBatch(obs=obs, actions=actions, advantages=adv, masks=masks)
+    return batch, returns.reshape(-1)
 
 
 def _update(
@@ -834,6 +842,7 @@ def _finish(config: TRPOConfig, state: _State, dp: DataParallel) -> TrainResult:
             episodes=config.eval_episodes,
             obs_normalizer=state.obs_rms,
             seed=config.seed + 10_000,
+            action_masks=config.action_masks,
         )
         print(
             f"evaluation over {len(eval_returns)} episodes: mean return "
