@@ -85,6 +85,8 @@ INVALID = [
     ("actor_factory", "pkg/mod:f"),
     ("critic_factory", ":f"),
     ("action_masks", "true"),
+    ("policy", "gru"),
+    ("activation", "elu"),
 ]
 
 
@@ -269,6 +271,8 @@ def test_resume_config_keeps_the_saved_fields_the_caller_did_not_give(saved_run)
         ("normalize_obs", False),
         ("normalize_reward", False),
         ("actor_factory", "pkg.mod:actor"),
+        ("policy", "cnn"),
+        ("activation", "relu"),
     ],
 )
 def test_resume_config_refuses_what_the_checkpoint_fixes(saved_run, field, value):

@@ -647,6 +647,8 @@ BAD_VALUES = {
     "async_envs": "yes",
     "action_masks": "yes",
     "hidden_sizes": (64, 0),
+    "policy": "gru",
+    "activation": "sigmoid",
     "log_std_init": math.nan,
     "actor_factory": "package.module.factory",
     "critic_factory": 3,

@@ -78,6 +78,8 @@ FIXED_ON_RESUME = (
     "normalize_reward",
     "actor_factory",
     "critic_factory",
+    "policy",
+    "activation",
 )
 """Fields a resumed run cannot change: the checkpoint's networks and statistics are theirs."""
 
@@ -163,8 +165,15 @@ class TRPOConfig:
     Used in sampling, log-probs, entropy, KL, Fisher and evaluation (docs/policies.md)."""
 
     # --- networks ---------------------------------------------------------------------------
+    policy: Literal["auto", "mlp", "cnn"] = "auto"
+    """Built-in network: 'mlp', 'cnn' (Nature-CNN-like, uint8 images scaled by 1/255, then an
+    MLP of hidden_sizes) or 'auto' (cnn for (H, W, C) uint8 image observations, else mlp;
+    Dict/Tuple observations are flattened and concatenated). Recurrent policies: not yet."""
     hidden_sizes: tuple[int, ...] = (64, 64)
-    """Hidden layer widths of the actor and of the critic MLP (tanh); empty = linear."""
+    """Hidden layer widths of the actor and of the critic MLP (after the CNN's features for
+    policy cnn); empty = linear."""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """Activation of the hidden MLP layers."""
     log_std_init: float = 0.0
     """Initial log standard deviation of the diagonal Gaussian policy (Box actions only), in
     [-20, 20]: σ = exp(log_std_init) must be a usable, finite standard deviation."""
@@ -340,6 +349,13 @@ class TRPOConfig:
             raise ValueError(
                 f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (got {self.device!r})"
             )
+        if self.policy not in ("auto", "mlp", "cnn"):
+            raise ValueError(
+                f"policy must be 'auto', 'mlp' or 'cnn' (got {self.policy!r}); recurrent (GRU) "
+                "policies are not implemented"
+            )
+        if self.activation not in ("tanh", "relu"):
+            raise ValueError(f"activation must be 'tanh' or 'relu' (got {self.activation!r})")
         if self.action_masks not in ("auto", "on", "off"):
             raise ValueError(f"action_masks must be 'auto', 'on' or 'off' (got {self.action_masks!r})")
         if self.dtype not in ("float32", "float64"):

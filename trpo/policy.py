@@ -143,16 +143,20 @@ def _check_hidden_sizes(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 class _MLP(nn.Module):
-    """tanh MLP whose forward calls ``F.linear`` on the layers' parameters directly.
+    """tanh (or relu) MLP whose forward calls ``F.linear`` on the layers' parameters directly.
 
     Calling the ``nn.Linear`` modules themselves would cost one ``Module.__call__``
     (hook dispatch) per layer; reading ``layer.weight`` at call time keeps
     :func:`torch.func.functional_call` working because it swaps those attributes.
     """
 
-    def __init__(self, obs_shape: tuple[int, ...], sizes: Sequence[int], last_gain: float):
+    def __init__(
+        self, obs_shape: tuple[int, ...], sizes: Sequence[int], last_gain: float, activation: str
+    ):
         super().__init__()
-        self.obs_shape = obs_shape
+        if activation not in mlp.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {mlp.ACTIVATIONS}, got {activation!r}")
+        self.obs_shape, self.activation = obs_shape, activation
         self.layers = _mlp_layers(sizes)
         _orthogonal_init(self.layers, last_gain)
 
@@ -165,7 +169,7 @@ class _MLP(nn.Module):
         return tuple((layer.weight, layer.bias) for layer in self.layers)
 
     def _trunk(self, obs: Tensor) -> Tensor:
-        return mlp.forward(self._flatten_obs(obs), self._weights())
+        return mlp.forward(self._flatten_obs(obs), self._weights(), self.activation)
 
 
 class Actor(_MLP):
@@ -185,11 +189,13 @@ class Actor(_MLP):
         observation_space: gym.Space,
         action_space: gym.Space,
         hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
     ):
         obs_dim = observation_dim(observation_space)
         hidden = _check_hidden_sizes(hidden_sizes)
         family, out, nvec = action_family(action_space)
-        super().__init__(tuple(observation_space.shape), (obs_dim, *hidden, out), last_gain=0.01)
+        shape = tuple(observation_space.shape)
+        super().__init__(shape, (obs_dim, *hidden, out), last_gain=0.01, activation=activation)
         self.family = family
         self.action_space = action_space
         self.action_dim = out
@@ -215,11 +221,10 @@ class Actor(_MLP):
         not replaced parameter objects (``functional_call``, ``load_state_dict(...,
         assign=True)``), so build it anew for each rollout.
         """
-        weights = self._weights()
-        flatten = self._flatten_obs
+        weights, flatten, activation = self._weights(), self._flatten_obs, self.activation
 
         def trunk(obs: Tensor) -> Tensor:
-            return mlp.forward(flatten(obs), weights)
+            return mlp.forward(flatten(obs), weights, activation)
 
         return self._head(trunk, self.log_std if self.family == "diag_gaussian" else None)
 
@@ -241,7 +246,8 @@ class Actor(_MLP):
         flat = len(self.obs_shape) == 1
 
         def trunk(obs: np.ndarray) -> np.ndarray:
-            return mlp.numpy_forward(obs if flat else obs.reshape(obs.shape[0], -1), weights)
+            x = obs if flat else obs.reshape(obs.shape[0], -1)
+            return mlp.numpy_forward(x, weights, self.activation)
 
         log_std = self.log_std.detach().numpy() if self.family == "diag_gaussian" else None
         if self.family == "multi_categorical":
@@ -299,16 +305,23 @@ class Actor(_MLP):
             family=self.family,
             heads=self.nvec,
             log_std="log_std" if self.family == "diag_gaussian" else None,
+            activation=self.activation,
         )
 
 
 class Critic(_MLP):
     """MLP value function ``(*B, *obs_shape) -> (*B,)`` (last layer orthogonal with gain 1)."""
 
-    def __init__(self, observation_space: gym.Space, hidden_sizes: Sequence[int] = (64, 64)):
+    def __init__(
+        self,
+        observation_space: gym.Space,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+    ):
         obs_dim = observation_dim(observation_space)
         hidden = _check_hidden_sizes(hidden_sizes)
-        super().__init__(tuple(observation_space.shape), (obs_dim, *hidden, 1), last_gain=1.0)
+        shape = tuple(observation_space.shape)
+        super().__init__(shape, (obs_dim, *hidden, 1), last_gain=1.0, activation=activation)
 
     def forward(self, obs: Tensor) -> Tensor:
         """State values ``V(s)`` of shape ``(*B,)``."""
@@ -320,20 +333,25 @@ _VERIFIED: weakref.WeakKeyDictionary[Actor, bool] = weakref.WeakKeyDictionary()
 
 
 def make_actor(
-    observation_space: gym.Space, action_space: gym.Space, hidden_sizes: Sequence[int] = (64, 64)
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    hidden_sizes: Sequence[int] = (64, 64),
+    activation: str = "tanh",
 ) -> Actor:
     """Build the :class:`Actor` for single-env spaces (``envs.single_observation_space``...).
 
     Raises:
         ValueError: Naming the space when it is not supported.
     """
-    return Actor(observation_space, action_space, hidden_sizes)
+    return Actor(observation_space, action_space, hidden_sizes, activation)
 
 
-def make_critic(observation_space: gym.Space, hidden_sizes: Sequence[int] = (64, 64)) -> Critic:
+def make_critic(
+    observation_space: gym.Space, hidden_sizes: Sequence[int] = (64, 64), activation: str = "tanh"
+) -> Critic:
     """Build the :class:`Critic` for a single-env observation space.
 
     Raises:
         ValueError: Naming the space when it is not supported.
     """
-    return Critic(observation_space, hidden_sizes)
+    return Critic(observation_space, hidden_sizes, activation)
