@@ -151,5 +151,21 @@ def test_masks_on_a_box_space_or_without_masks_are_clear_errors(tmp_path):
 def test_the_example_runs(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     example = importlib.import_module("masked_taxi")
-    curves = example.main(["--total-steps", "2048", "--runs-root", str(tmp_path)])
-    assert len(curves["on"][0]) == len(curves["off"][0]) == 1
+    runs = example.main(["--total-steps", "2048", "--runs-root", str(tmp_path)])
+    assert runs["on"][0][0] == runs["off"][0][0] == [2048]  # one update each
+
+
+def test_mask_detection_on_subprocess_envs_keeps_them_alive():
+    # A missing action_masks attribute must not be looked up by raising inside a worker.
+    envs = make_envs("CartPole-v1", 2, async_=True)
+    try:
+        assert init_rollout_state(envs, 0, action_masks="auto").mask_source is None
+        envs.step(np.zeros(2, dtype=np.int64))
+    finally:
+        envs.close()
+    envs = make_envs("MaskedMulti-v0", 2, async_=True)
+    try:
+        state = init_rollout_state(envs, 0, action_masks="on")
+        assert state.mask_source == "method" and state.masks.shape == (2, 7)
+    finally:
+        envs.close()

@@ -1,13 +1,8 @@
-"""Action masks for Discrete and MultiDiscrete action spaces: where they come from.
+"""Action masks (Discrete, MultiDiscrete): where they come from (docs/policies.md).
 
-An env provides the mask of its *current* state in ``info["action_mask"]`` of ``reset`` and
-``step`` (gymnasium's Taxi, many game envs) or by a method ``action_masks()`` (sb3-contrib's
-convention), as a boolean/0-1 array of ``K`` entries (``Discrete(K)``) or ``ΣK_i``
-(``MultiDiscrete``, the heads' masks concatenated; a tuple of per-head arrays works too). The
-config field ``action_masks`` chooses: ``"auto"`` uses them where the env provides them and the
-action space is discrete, ``"on"`` requires them, ``"off"`` ignores them. The logits are masked
-with :func:`natgrad.families.mask_logits` in sampling, log-probabilities, entropy, the KL and
-the Fisher (:mod:`trpo.rollout`, :mod:`trpo.update`) and in evaluation.
+``info["action_mask"]`` of ``reset``/``step`` or an env method ``action_masks()`` (sb3-contrib),
+``K`` or ``ΣK_i`` booleans (the heads' masks concatenated, or a tuple of them). Config field
+``action_masks``: ``"auto"`` (where provided), ``"on"`` (required), ``"off"``.
 """
 
 from __future__ import annotations
@@ -63,15 +58,10 @@ def mask_source(mode: str, action_space: gym.Space, info: dict, env: Any) -> str
 
 def _has_method(env: Any) -> bool:
     if isinstance(env, gym.vector.VectorEnv):
-        try:  # call() calls the sub-envs' method (get_attr would too): a missing one raises
-            env.call("action_masks")
-            return True
-        except Exception:  # AttributeError, or its report from a subprocess
-            return False
-    try:
-        return callable(env.get_wrapper_attr("action_masks"))
-    except AttributeError:
-        return False
+        # Asked with has_wrapper_attr: a missing attribute raised in a subprocess env would
+        # end that worker.
+        return all(env.call("has_wrapper_attr", "action_masks"))
+    return env.has_wrapper_attr("action_masks")
 
 
 def _flat(mask: Any) -> np.ndarray:

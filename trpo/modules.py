@@ -1,33 +1,14 @@
-"""Your own networks: the protocol a user ``nn.Module`` follows, and the wrappers that give it
-the interface of the built-in :class:`trpo.policy.Actor` / :class:`~trpo.policy.Critic`.
+"""Your own networks: the protocol a user ``nn.Module`` follows (docs/policies.md has the
+table), its one-time checks, and the wrappers that give it the built-in actor's interface.
 
-An **actor module** maps a batch of observations ``(B, *obs_shape)`` (float, normalised when
-``normalize_obs``) to the distribution parameters of the action space's family:
-
-=====================  ====================================================================
-action space           the module returns
-=====================  ====================================================================
-``Discrete(K)``        logits ``(B, K)``
-``Box((d,))``          the mean ``(B, d)`` (a state-independent ``log_std (d,)`` is added,
-                       initialised to ``log_std_init``), or ``(mean (B, d), log_std)`` with
-                       ``log_std`` broadcastable to the mean (``(d,)`` or ``(B, d)``)
-``MultiDiscrete``      logits ``(B, ΣK_i)`` (split per sub-action) or a list of ``(B, K_i)``
-``MultiBinary(d)``     logits ``(B, d)``
-=====================  ====================================================================
-
-A **critic module** maps ``(B, *obs_shape)`` to values ``(B,)`` or ``(B, 1)``.
-
-Both are checked once, on a probe batch of two zero observations, when wrapped; a wrong
-structure or shape is a :class:`ModuleProtocolError` naming what to return. BatchNorm (with
-running statistics) or Dropout in train mode is refused: TRPO evaluates π_old and π_θ many
-times per update (the Fisher, the line search), which must all be the same function; call
-``.eval()`` first (the buffers are then constants, saved in the checkpoint).
-
-The Fisher of a wrapped module is :func:`natgrad.fisher_operator` on ``torch.func``'s products
-(the written-out fast path is for the built-in MLP only). A **factory** ``"package.module:fn"``
-(config fields ``actor_factory`` / ``critic_factory``) is called as ``fn(observation_space,
-action_space) -> nn.Module`` with the single-env spaces, so that a resumed run, ``python -m
-trpo.evaluate`` and the command line can rebuild the network (see docs/policies.md).
+An actor module maps observations ``(B, *obs_shape)`` to the distribution parameters of the
+action family (logits ``(B, K)``; a Gaussian's mean ``(B, d)``, trpo adding ``log_std (d,)``,
+or ``(mean, log_std)``; ``(B, ΣK_i)`` or a list of ``(B, K_i)``; Bernoulli logits ``(B, d)``),
+a critic module to values ``(B,)`` or ``(B, 1)``. Both are probed once with two zero
+observations: a wrong output is a :class:`ModuleProtocolError` naming the fix; train-mode
+BatchNorm/Dropout is refused (π_old and π_θ are evaluated many times per update and must be
+one function). A factory ``"package.module:fn"`` is called as ``fn(observation_space,
+action_space)``. The Fisher of a module is :func:`natgrad.fisher_operator` on ``torch.func``.
 """
 
 from __future__ import annotations
