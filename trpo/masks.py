@@ -59,8 +59,11 @@ def mask_source(mode: str, action_space: gym.Space, info: dict, env: Any) -> str
 def _has_method(env: Any) -> bool:
     if isinstance(env, gym.vector.VectorEnv):
         # Asked with has_wrapper_attr: a missing attribute raised in a subprocess env would
-        # end that worker.
-        return all(env.call("has_wrapper_attr", "action_masks"))
+        # end that worker. A vector env without gymnasium's call() has no masks by method.
+        try:
+            return all(env.call("has_wrapper_attr", "action_masks"))
+        except Exception:
+            return False
     return env.has_wrapper_attr("action_masks")
 
 

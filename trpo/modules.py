@@ -27,13 +27,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from natgrad.families import DistParams
 from trpo.policy import action_family
 
-__all__ = [
-    "ModuleActor",
-    "ModuleCritic",
-    "ModuleProtocolError",
-    "check_user_modules",
-    "load_factory",
-]
+__all__ = ["ModuleActor", "ModuleCritic", "ModuleProtocolError", "check_user_modules", "load_factory"]
 
 
 class ModuleProtocolError(ValueError):

@@ -92,27 +92,23 @@ def action_family(action_space: gym.Space) -> tuple[str, int, tuple[int, ...]]:
     Raises:
         ValueError: Naming the space when it is not supported.
     """
+    spaces = gym.spaces
+    if isinstance(action_space, (spaces.Box, spaces.MultiDiscrete, spaces.MultiBinary)) and (
+        len(action_space.shape) != 1
+    ):
+        raise ValueError(
+            f"action_space {action_space!r} is not supported: "
+            f"{type(action_space).__name__} actions must be 1-D"
+        )
     nvec: tuple[int, ...] = ()
-    if isinstance(action_space, gym.spaces.Discrete):
+    if isinstance(action_space, spaces.Discrete):
         family, out = "categorical", int(action_space.n)
-    elif isinstance(action_space, gym.spaces.Box):
-        if len(action_space.shape) != 1:
-            raise ValueError(
-                f"action_space {action_space!r} is not supported: Box actions must be 1-D"
-            )
+    elif isinstance(action_space, spaces.Box):
         family, out = "diag_gaussian", int(action_space.shape[0])
-    elif isinstance(action_space, gym.spaces.MultiDiscrete):
-        if action_space.nvec.ndim != 1:
-            raise ValueError(
-                f"action_space {action_space!r} is not supported: MultiDiscrete must be 1-D"
-            )
+    elif isinstance(action_space, spaces.MultiDiscrete):
         nvec = tuple(int(n) for n in action_space.nvec)
         family, out = "multi_categorical", sum(nvec)
-    elif isinstance(action_space, gym.spaces.MultiBinary):
-        if len(action_space.shape) != 1:
-            raise ValueError(
-                f"action_space {action_space!r} is not supported: MultiBinary must be 1-D"
-            )
+    elif isinstance(action_space, spaces.MultiBinary):
         family, out = "bernoulli", int(action_space.shape[0])
     else:
         raise ValueError(
