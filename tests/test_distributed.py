@@ -85,9 +85,9 @@ def _critic_data(
     return critic, opt, obs, returns
 
 
-def _shard(x: torch.Tensor, split: tuple[int, ...], rank: int) -> torch.Tensor:
+def _shard(x: torch.Tensor | None, split: tuple[int, ...], rank: int) -> torch.Tensor | None:
     start = sum(split[:rank])
-    return x[start : start + split[rank]]
+    return None if x is None else x[start : start + split[rank]]  # None: PolicyBatch.masks
 
 
 def _stats_data() -> torch.Tensor:
