@@ -85,6 +85,12 @@ INVALID = [
     ("env_backend", None),
     ("env_threads", -1),
     ("env_threads", 1.5),
+    ("actor_factory", "pkg.mod"),
+    ("actor_factory", "pkg/mod:f"),
+    ("critic_factory", ":f"),
+    ("action_masks", "true"),
+    ("policy", "gru"),
+    ("activation", "elu"),
 ]
 
 
@@ -268,6 +274,9 @@ def test_resume_config_keeps_the_saved_fields_the_caller_did_not_give(saved_run)
         ("hidden_sizes", (32,)),
         ("normalize_obs", False),
         ("normalize_reward", False),
+        ("actor_factory", "pkg.mod:actor"),
+        ("policy", "cnn"),
+        ("activation", "relu"),
     ],
 )
 def test_resume_config_refuses_what_the_checkpoint_fixes(saved_run, field, value):

@@ -49,6 +49,8 @@ STEP_KW = dict(max_kl=0.02, cg_iters=8, cg_damping=0.05, line_search_max_tries=1
 POLICY_CASES = {  # name -> (obs space, action space, extra policy_step kwargs)
     "gaussian": (gym.spaces.Box(-1, 1, (5,)), gym.spaces.Box(-1, 1, (2,)), {}),
     "categorical": (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(3), {"cg_rtol": 1e-3}),
+    # invalid actions masked (PolicyBatch.masks): the masks are sharded with the states
+    "masked": (gym.spaces.Box(-1, 1, (4,)), gym.spaces.MultiDiscrete([3, 2]), {}),
 }
 CRITIC_CASES = {  # name -> (minibatch size, amsgrad: the fused flat fit or the autograd loop)
     "full_batch": (10_000, False),
@@ -64,12 +66,18 @@ def _policy_batch(name: str) -> tuple[torch.nn.Module, PolicyBatch]:
     actor = make_actor(obs_space, act_space, (16,)).to(DTYPE)
     g = torch.Generator().manual_seed(1)
     obs = torch.randn(B, obs_space.shape[0], generator=g, dtype=DTYPE)
+    masks = None
     if isinstance(act_space, gym.spaces.Discrete):
         actions = torch.randint(act_space.n, (B,), generator=g)
+    elif isinstance(act_space, gym.spaces.MultiDiscrete):
+        masks = torch.rand(B, 5, generator=g) < 0.6
+        masks[:, 0] = masks[:, 3] = True  # every head keeps a valid action
+        score = torch.rand(B, 5, generator=g) * masks  # the actions: valid ones
+        actions = torch.stack([score[:, :3].argmax(-1), score[:, 3:].argmax(-1)], -1)
     else:
         actions = torch.randn(B, act_space.shape[0], generator=g, dtype=DTYPE)
     advantages = torch.randn(B, generator=g, dtype=DTYPE)
-    return actor, PolicyBatch(obs=obs, actions=actions, advantages=advantages)
+    return actor, PolicyBatch(obs=obs, actions=actions, advantages=advantages, masks=masks)
 
 
 def _critic_data(
@@ -85,9 +93,9 @@ def _critic_data(
     return critic, opt, obs, returns
 
 
-def _shard(x: torch.Tensor, split: tuple[int, ...], rank: int) -> torch.Tensor:
+def _shard(x: torch.Tensor | None, split: tuple[int, ...], rank: int) -> torch.Tensor | None:
     start = sum(split[:rank])
-    return x[start : start + split[rank]]
+    return None if x is None else x[start : start + split[rank]]  # None: PolicyBatch.masks
 
 
 def _stats_data() -> torch.Tensor:

@@ -72,13 +72,23 @@ CONFIG_FILENAME = "config.json"
 _MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; anything larger is not ours
 """Name of the resolved config saved in every run directory."""
 
-FIXED_ON_RESUME = ("env_id", "hidden_sizes", "normalize_obs", "normalize_reward")
+FIXED_ON_RESUME = (
+    "env_id",
+    "hidden_sizes",
+    "normalize_obs",
+    "normalize_reward",
+    "actor_factory",
+    "critic_factory",
+    "policy",
+    "activation",
+)
 """Fields a resumed run cannot change: the checkpoint's networks and statistics are theirs."""
 
 LOG_STD_INIT_BOUND = 20.0
 """``log_std_init`` must lie in ``[-LOG_STD_INIT_BOUND, LOG_STD_INIT_BOUND]``."""
 
 _DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._=+-]+$")
 _INT_FIELDS = {  # name -> minimum
     **dict.fromkeys(("seed", "eval_episodes", "torch_threads", "env_threads"), 0),
@@ -159,13 +169,31 @@ class TRPOConfig:
     env_threads: int = 0
     """envpool worker threads per pool (async_envs: two pools); 0 = envpool's default,
     min(envs in the pool, cores). Unused by gymnasium."""
+    action_masks: Literal["auto", "on", "off"] = "auto"
+    """Invalid-action masks (Discrete/MultiDiscrete) from info['action_mask'] or an env method
+    action_masks(): 'auto' = where the env provides them, 'on' = required, 'off' = ignored.
+    Used in sampling, log-probs, entropy, KL, Fisher and evaluation (docs/policies.md)."""
 
     # --- networks ---------------------------------------------------------------------------
+    policy: Literal["auto", "mlp", "cnn"] = "auto"
+    """Built-in network: 'mlp', 'cnn' (Nature-CNN-like, uint8 images scaled by 1/255, then an
+    MLP of hidden_sizes) or 'auto' (cnn for (H, W, C) uint8 image observations, else mlp;
+    Dict/Tuple observations are flattened and concatenated). Recurrent policies: not yet."""
     hidden_sizes: tuple[int, ...] = (64, 64)
-    """Hidden layer widths of the actor and of the critic MLP (tanh); empty = linear."""
+    """Hidden layer widths of the actor and of the critic MLP (after the CNN's features for
+    policy cnn); empty = linear."""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """Activation of the hidden MLP layers."""
     log_std_init: float = 0.0
     """Initial log standard deviation of the diagonal Gaussian policy (Box actions only), in
     [-20, 20]: σ = exp(log_std_init) must be a usable, finite standard deviation."""
+    actor_factory: str | None = None
+    """Your actor network: 'package.module:factory', called as factory(observation_space,
+    action_space) -> torch.nn.Module returning the distribution parameters (docs/policies.md);
+    None = the built-in network."""
+    critic_factory: str | None = None
+    """Your critic network: 'package.module:factory', called as factory(observation_space,
+    action_space) -> torch.nn.Module returning values (B,) or (B, 1); None = built in."""
 
     # --- returns and advantages -------------------------------------------------------------
     gamma: float = 0.99
@@ -308,6 +336,13 @@ class TRPOConfig:
             raise ValueError(
                 f"hidden_sizes must be a tuple of positive ints (got {self.hidden_sizes!r})"
             )
+        for name in ("actor_factory", "critic_factory"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not _FACTORY_RE.match(value)):
+                raise ValueError(
+                    f"{name} must be None or an import path 'package.module:factory' "
+                    f"(got {value!r})"
+                )
         _check_str(self, "runs_root")
         if self.run_name is not None and (
             not isinstance(self.run_name, str)
@@ -326,6 +361,15 @@ class TRPOConfig:
             )
         if self.env_backend not in BACKENDS:
             raise ValueError(f"env_backend must be one of {BACKENDS} (got {self.env_backend!r})")
+        if self.policy not in ("auto", "mlp", "cnn"):
+            raise ValueError(
+                f"policy must be 'auto', 'mlp' or 'cnn' (got {self.policy!r}); recurrent (GRU) "
+                "policies are not implemented"
+            )
+        if self.activation not in ("tanh", "relu"):
+            raise ValueError(f"activation must be 'tanh' or 'relu' (got {self.activation!r})")
+        if self.action_masks not in ("auto", "on", "off"):
+            raise ValueError(f"action_masks must be 'auto', 'on' or 'off' (got {self.action_masks!r})")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64' (got {self.dtype!r})")
         if self.memory_limit_gb is not None:

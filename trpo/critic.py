@@ -172,7 +172,7 @@ def _trainer(
     the verdict is reduced), else the autograd trainer."""
     flat = None
     if supports_fast_fit(critic, optimizer, obs):
-        flat = FlatMLP(list(critic.parameters()), optimizer)
+        flat = FlatMLP(list(critic.parameters()), optimizer, critic.activation)
         with torch.no_grad():  # guard: our forward must be the critic's
             probe = obs[:64]
             ours = flat.forward(probe.reshape(probe.shape[0], -1))[0].reshape(-1)

@@ -1,5 +1,6 @@
 """Env construction for training and evaluation: one place that resolves an env id, imports
-the module of a ``"module:Env-v0"`` id, and flattens Dict/Tuple observations.
+the module of a ``"module:Env-v0"`` id, and flattens Dict/Tuple observations (one-hot encodes
+Discrete/MultiDiscrete ones, e.g. Taxi's state index).
 
 * **Ids**: a registered gymnasium id (``"CartPole-v1"``), or ``"module:Env-v0"``: as
   :func:`gymnasium.make` does, ``module`` is imported first (it registers ``Env-v0``). Importing
@@ -27,6 +28,7 @@ from typing import Any
 
 import gymnasium as gym
 from gymnasium.spaces import Dict as DictSpace
+from gymnasium.spaces import Discrete, MultiDiscrete
 from gymnasium.spaces import Tuple as TupleSpace
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import FlattenObservation
@@ -35,7 +37,7 @@ from trpo.envpool_env import EnvPoolVectorEnv, resolve_env_backend
 
 __all__ = ["env_module", "make_env", "make_envs", "resolve_env_id"]
 
-_NESTED = (DictSpace, TupleSpace)
+_NESTED = (DictSpace, TupleSpace, Discrete, MultiDiscrete)  # Discrete ones become one-hot
 
 
 def env_module(env_id: str) -> str | None:

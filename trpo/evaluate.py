@@ -23,6 +23,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from trpo.config import load_config
 from trpo.evaluation import evaluate_policy, load_policy
 from trpo.fileio import RunDirError
 
@@ -117,6 +118,7 @@ def _run(args: argparse.Namespace, run_dir: Path) -> tuple[list[float], str, Pat
         seed=args.seed,
         video_path=video,
         max_episode_steps=args.max_episode_steps,
+        action_masks=load_config(run_dir).action_masks,  # as in training
     )
     return returns, env_id, video
 

@@ -25,12 +25,16 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from natgrad.families import mask_logits
 from trpo.checkpoint import check_state_shapes, load_latest_checkpoint
 from trpo.config import CONFIG_FILENAME, load_config
 from trpo.envs import env_module, make_env
 from trpo.fileio import atomic_writer, read_regular_file
+from trpo.masks import env_mask, mask_source
+from trpo.modules import ModuleActor, check_user_modules
+from trpo.networks import build_actor
 from trpo.normalize import RunningMeanStd
-from trpo.policy import Actor, make_actor, mode
+from trpo.policy import Actor, mode
 from trpo.rollout import env_action_converter
 
 __all__ = ["DEFAULT_MAX_EPISODE_STEPS", "evaluate_policy", "load_policy"]
@@ -83,6 +87,7 @@ def evaluate_policy(
     video_path: str | Path | None = None,
     max_video_frames: int = 1000,
     max_episode_steps: int | None = None,
+    action_masks: str = "auto",
 ) -> list[float]:
     """Undiscounted returns of ``episodes`` episodes of the deterministic policy.
 
@@ -101,6 +106,8 @@ def evaluate_policy(
         max_episode_steps: Cap on an episode's steps; None = the env's ``max_episode_steps``,
             else :data:`DEFAULT_MAX_EPISODE_STEPS`. An episode ended by the cap counts with
             the return of its first ``max_episode_steps`` steps, and a warning says so.
+        action_masks: ``"auto"`` / ``"on"`` / ``"off"``: play the mode of the policy
+            restricted to the valid actions where the env provides masks (:mod:`trpo.masks`).
 
     Returns:
         One return per episode.
@@ -142,7 +149,9 @@ def evaluate_policy(
 
     try:
         for i in range(episodes):
-            obs, _ = env.reset(seed=seed + i)
+            obs, info = env.reset(seed=seed + i)
+            if i == 0:
+                source = mask_source(action_masks, env.action_space, info, env)
             _check_finite(env_id, i, 0, obs, 0.0)
             if recording and i == 0:
                 grab()
@@ -152,8 +161,14 @@ def evaluate_policy(
                 if obs_normalizer is not None:
                     x = obs_normalizer.normalize(x)
                 with torch.inference_mode():
-                    action = mode(actor.family, actor(x.unsqueeze(0)))[0]
-                obs, reward, terminated, truncated, _ = env.step(to_env(action.cpu().numpy()))
+                    dist = actor(x.unsqueeze(0))
+                    if source is not None:
+                        mask = torch.as_tensor(env_mask(env, info, source), device=param.device)
+                        dist = mask_logits(dist, mask.unsqueeze(0))
+                    action = mode(actor.family, dist)[0]
+                a = to_env(action.cpu().numpy())
+                # A Discrete action as a Python int: some envs (Taxi) index tables with it.
+                obs, reward, terminated, truncated, info = env.step(a.item() if a.ndim == 0 else a)
                 steps += 1
                 _check_finite(env_id, i, steps, obs, reward)
                 total += float(reward)
@@ -177,16 +192,18 @@ def evaluate_policy(
 
 
 def load_policy(
-    run_dir: str | Path, *, allow_import: bool = False
-) -> tuple[Actor, RunningMeanStd | None, str]:
+    run_dir: str | Path, *, allow_import: bool = False, actor: torch.nn.Module | None = None
+) -> tuple[Actor | ModuleActor, RunningMeanStd | None, str]:
     """The actor, frozen observation statistics and env id of a run's newest valid checkpoint
     that fits the run's env and network (others are skipped with a warning on stderr).
 
     Args:
         run_dir: a run directory written by ``python -m trpo.run``.
         allow_import: resolve a ``"module:Env-v0"`` id of the run's ``config.json`` by
-            importing ``module``. Off by default: a run directory may come from someone else,
-            and importing a module runs its code.
+            importing ``module``, and its ``actor_factory`` likewise. Off by default: a run
+            directory may come from someone else, and importing a module runs its code.
+        actor: for a run trained with ``train(config, actor=module)`` and no
+            ``actor_factory``: a module of the same architecture (its weights are replaced).
 
     Raises:
         RunDirError: ``config.json`` is a link, a FIFO or another non-regular file.
@@ -198,30 +215,39 @@ def load_policy(
     with contextlib.suppress(FileNotFoundError):  # load_config names a missing one
         read_regular_file(Path(run_dir) / CONFIG_FILENAME, max_bytes=_MAX_CONFIG_BYTES)
     config = load_config(run_dir)
-    module = env_module(config.env_id)
-    if module is not None and not allow_import:
-        raise ValueError(
-            f"{Path(run_dir) / 'config.json'} names env {config.env_id!r}, which would import "
-            f"the Python module {module!r} and run its code; if you trust this run directory, "
-            "pass --allow-import (allow_import=True)"
-        )
+    imports = {"env": env_module(config.env_id)}
+    if actor is None and config.actor_factory is not None:
+        imports["actor_factory"] = config.actor_factory.partition(":")[0]
+    for what, module in imports.items():
+        if module is not None and not allow_import:
+            raise ValueError(
+                f"{Path(run_dir) / 'config.json'} names {what} "
+                f"{getattr(config, what, config.env_id)!r}, which would import the Python "
+                f"module {module!r} and run its code; if you trust this run directory, pass "
+                "--allow-import (allow_import=True)"
+            )
     env = make_env(config.env_id)
     try:
-        actor = make_actor(env.observation_space, env.action_space, config.hidden_sizes)
+        policy = build_actor(config, env.observation_space, env.action_space, actor)
         obs_shape = tuple(env.observation_space.shape)
     finally:
         env.close()
-    actor = actor.to(dtype=config.torch_dtype())
+    policy = policy.to(dtype=config.torch_dtype())
     loaded = load_latest_checkpoint(
-        run_dir, validate=lambda state: check_state_shapes(state, actor=actor)
+        run_dir,
+        validate=lambda state: (
+            # Only the actor is loaded: a critic that was a module does not matter here.
+            check_user_modules(state, ("critic",) if actor is None else ("actor", "critic")),
+            check_state_shapes(state, actor=policy),
+        ),
     )
     for path, reason in loaded.skipped:
         print(f"warning: skipped checkpoint {path}: {reason}", file=sys.stderr)
     state = loaded.state
-    actor.load_state_dict(state["actor"])
+    policy.load_state_dict(state["actor"])
     obs_rms = None
     if "obs_rms" in state:
         obs_rms = RunningMeanStd(obs_shape, clip=config.obs_clip)
         obs_rms.load_state_dict(state["obs_rms"])
         obs_rms.frozen = True
-    return actor, obs_rms, config.env_id
+    return policy, obs_rms, config.env_id

@@ -53,6 +53,7 @@ __all__ = [
     "FAMILIES",
     "Actor",
     "Critic",
+    "action_family",
     "DistParams",
     "draw_noise",
     "entropy",
@@ -83,6 +84,40 @@ def observation_dim(observation_space: gym.Space) -> int:
     return int(np.prod(observation_space.shape, dtype=np.int64))
 
 
+def action_family(action_space: gym.Space) -> tuple[str, int, tuple[int, ...]]:
+    """``(family, head width, nvec)`` of an action space: ``("categorical", K, ())`` for
+    ``Discrete(K)``, ``("diag_gaussian", d, ())`` for a 1-D ``Box``, ``("multi_categorical",
+    ΣK_i, nvec)`` for a 1-D ``MultiDiscrete``, ``("bernoulli", d, ())`` for ``MultiBinary(d)``.
+
+    Raises:
+        ValueError: Naming the space when it is not supported.
+    """
+    spaces = gym.spaces
+    if isinstance(action_space, (spaces.Box, spaces.MultiDiscrete, spaces.MultiBinary)) and (
+        len(action_space.shape) != 1
+    ):
+        raise ValueError(
+            f"action_space {action_space!r} is not supported: "
+            f"{type(action_space).__name__} actions must be 1-D"
+        )
+    nvec: tuple[int, ...] = ()
+    if isinstance(action_space, spaces.Discrete):
+        family, out = "categorical", int(action_space.n)
+    elif isinstance(action_space, spaces.Box):
+        family, out = "diag_gaussian", int(action_space.shape[0])
+    elif isinstance(action_space, spaces.MultiDiscrete):
+        nvec = tuple(int(n) for n in action_space.nvec)
+        family, out = "multi_categorical", sum(nvec)
+    elif isinstance(action_space, spaces.MultiBinary):
+        family, out = "bernoulli", int(action_space.shape[0])
+    else:
+        raise ValueError(
+            f"action_space {action_space!r} is not supported: use Discrete, Box, "
+            f"MultiDiscrete or MultiBinary"
+        )
+    return family, out, nvec
+
+
 def _mlp_layers(sizes: Sequence[int]) -> nn.ModuleList:
     return nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
@@ -104,16 +139,20 @@ def _check_hidden_sizes(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 class _MLP(nn.Module):
-    """tanh MLP whose forward calls ``F.linear`` on the layers' parameters directly.
+    """tanh (or relu) MLP whose forward calls ``F.linear`` on the layers' parameters directly.
 
     Calling the ``nn.Linear`` modules themselves would cost one ``Module.__call__``
     (hook dispatch) per layer; reading ``layer.weight`` at call time keeps
     :func:`torch.func.functional_call` working because it swaps those attributes.
     """
 
-    def __init__(self, obs_shape: tuple[int, ...], sizes: Sequence[int], last_gain: float):
+    def __init__(
+        self, obs_shape: tuple[int, ...], sizes: Sequence[int], last_gain: float, activation: str
+    ):
         super().__init__()
-        self.obs_shape = obs_shape
+        if activation not in mlp.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {mlp.ACTIVATIONS}, got {activation!r}")
+        self.obs_shape, self.activation = obs_shape, activation
         self.layers = _mlp_layers(sizes)
         _orthogonal_init(self.layers, last_gain)
 
@@ -126,7 +165,7 @@ class _MLP(nn.Module):
         return tuple((layer.weight, layer.bias) for layer in self.layers)
 
     def _trunk(self, obs: Tensor) -> Tensor:
-        return mlp.forward(self._flatten_obs(obs), self._weights())
+        return mlp.forward(self._flatten_obs(obs), self._weights(), self.activation)
 
 
 class Actor(_MLP):
@@ -146,37 +185,13 @@ class Actor(_MLP):
         observation_space: gym.Space,
         action_space: gym.Space,
         hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
     ):
         obs_dim = observation_dim(observation_space)
         hidden = _check_hidden_sizes(hidden_sizes)
-        nvec: tuple[int, ...] = ()
-        if isinstance(action_space, gym.spaces.Discrete):
-            family, out = "categorical", int(action_space.n)
-        elif isinstance(action_space, gym.spaces.Box):
-            if len(action_space.shape) != 1:
-                raise ValueError(
-                    f"action_space {action_space!r} is not supported: Box actions must be 1-D"
-                )
-            family, out = "diag_gaussian", int(action_space.shape[0])
-        elif isinstance(action_space, gym.spaces.MultiDiscrete):
-            if action_space.nvec.ndim != 1:
-                raise ValueError(
-                    f"action_space {action_space!r} is not supported: MultiDiscrete must be 1-D"
-                )
-            nvec = tuple(int(n) for n in action_space.nvec)
-            family, out = "multi_categorical", sum(nvec)
-        elif isinstance(action_space, gym.spaces.MultiBinary):
-            if len(action_space.shape) != 1:
-                raise ValueError(
-                    f"action_space {action_space!r} is not supported: MultiBinary must be 1-D"
-                )
-            family, out = "bernoulli", int(action_space.shape[0])
-        else:
-            raise ValueError(
-                f"action_space {action_space!r} is not supported: use Discrete, Box, "
-                f"MultiDiscrete or MultiBinary"
-            )
-        super().__init__(tuple(observation_space.shape), (obs_dim, *hidden, out), last_gain=0.01)
+        family, out, nvec = action_family(action_space)
+        shape = tuple(observation_space.shape)
+        super().__init__(shape, (obs_dim, *hidden, out), last_gain=0.01, activation=activation)
         self.family = family
         self.action_space = action_space
         self.action_dim = out
@@ -202,11 +217,10 @@ class Actor(_MLP):
         not replaced parameter objects (``functional_call``, ``load_state_dict(...,
         assign=True)``), so build it anew for each rollout.
         """
-        weights = self._weights()
-        flatten = self._flatten_obs
+        weights, flatten, activation = self._weights(), self._flatten_obs, self.activation
 
         def trunk(obs: Tensor) -> Tensor:
-            return mlp.forward(flatten(obs), weights)
+            return mlp.forward(flatten(obs), weights, activation)
 
         return self._head(trunk, self.log_std if self.family == "diag_gaussian" else None)
 
@@ -228,7 +242,8 @@ class Actor(_MLP):
         flat = len(self.obs_shape) == 1
 
         def trunk(obs: np.ndarray) -> np.ndarray:
-            return mlp.numpy_forward(obs if flat else obs.reshape(obs.shape[0], -1), weights)
+            x = obs if flat else obs.reshape(obs.shape[0], -1)
+            return mlp.numpy_forward(x, weights, self.activation)
 
         log_std = self.log_std.detach().numpy() if self.family == "diag_gaussian" else None
         if self.family == "multi_categorical":
@@ -286,16 +301,23 @@ class Actor(_MLP):
             family=self.family,
             heads=self.nvec,
             log_std="log_std" if self.family == "diag_gaussian" else None,
+            activation=self.activation,
         )
 
 
 class Critic(_MLP):
     """MLP value function ``(*B, *obs_shape) -> (*B,)`` (last layer orthogonal with gain 1)."""
 
-    def __init__(self, observation_space: gym.Space, hidden_sizes: Sequence[int] = (64, 64)):
+    def __init__(
+        self,
+        observation_space: gym.Space,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+    ):
         obs_dim = observation_dim(observation_space)
         hidden = _check_hidden_sizes(hidden_sizes)
-        super().__init__(tuple(observation_space.shape), (obs_dim, *hidden, 1), last_gain=1.0)
+        shape = tuple(observation_space.shape)
+        super().__init__(shape, (obs_dim, *hidden, 1), last_gain=1.0, activation=activation)
 
     def forward(self, obs: Tensor) -> Tensor:
         """State values ``V(s)`` of shape ``(*B,)``."""
@@ -307,20 +329,25 @@ _VERIFIED: weakref.WeakKeyDictionary[Actor, bool] = weakref.WeakKeyDictionary()
 
 
 def make_actor(
-    observation_space: gym.Space, action_space: gym.Space, hidden_sizes: Sequence[int] = (64, 64)
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    hidden_sizes: Sequence[int] = (64, 64),
+    activation: str = "tanh",
 ) -> Actor:
     """Build the :class:`Actor` for single-env spaces (``envs.single_observation_space``...).
 
     Raises:
         ValueError: Naming the space when it is not supported.
     """
-    return Actor(observation_space, action_space, hidden_sizes)
+    return Actor(observation_space, action_space, hidden_sizes, activation)
 
 
-def make_critic(observation_space: gym.Space, hidden_sizes: Sequence[int] = (64, 64)) -> Critic:
+def make_critic(
+    observation_space: gym.Space, hidden_sizes: Sequence[int] = (64, 64), activation: str = "tanh"
+) -> Critic:
     """Build the :class:`Critic` for a single-env observation space.
 
     Raises:
         ValueError: Naming the space when it is not supported.
     """
-    return Critic(observation_space, hidden_sizes)
+    return Critic(observation_space, hidden_sizes, activation)

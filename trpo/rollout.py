@@ -56,7 +56,9 @@ import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 from torch import Tensor, nn
 
+from natgrad.families import mask_logits
 from trpo.envs import make_envs
+from trpo.masks import env_mask, mask_source, vector_masks
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.policy import Actor, draw_noise, log_prob, sample_from_noise
 
@@ -82,6 +84,8 @@ class RolloutState:
         episode_returns: ``(N,)`` float64 undiscounted raw return of the running episodes.
         episode_lengths: ``(N,)`` int64 length of the running episodes.
         global_step: Env steps taken so far (``N`` per vector step).
+        mask_source: Where the action masks come from (:mod:`trpo.masks`), None = no masks.
+        masks: ``(N, ΣK)`` bool action masks of the current states (with ``mask_source``).
     """
 
     env_id: str
@@ -89,19 +93,24 @@ class RolloutState:
     episode_returns: np.ndarray
     episode_lengths: np.ndarray
     global_step: int = 0
+    mask_source: str | None = None
+    masks: np.ndarray | None = None
 
 
-def init_rollout_state(envs: VectorEnv, seed: int, *, global_step: int = 0) -> RolloutState:
+def init_rollout_state(
+    envs: VectorEnv, seed: int, *, global_step: int = 0, action_masks: str = "off"
+) -> RolloutState:
     """Reset the envs (env ``i`` with seed ``seed + i``) and start a :class:`RolloutState`.
 
     Args:
         envs: From :func:`make_envs` (same-step autoreset).
         seed: Base seed.
         global_step: Starting step counter (e.g. when resuming).
+        action_masks: ``"auto"``, ``"on"`` or ``"off"`` (:mod:`trpo.masks`).
 
     Raises:
-        ValueError: If ``envs`` does not use same-step autoreset, or a reset
-            observation is not finite.
+        ValueError: If ``envs`` does not use same-step autoreset, a reset observation is
+            not finite, or ``action_masks="on"`` and the envs provide no masks.
     """
     mode = envs.metadata.get("autoreset_mode")
     if mode != AutoresetMode.SAME_STEP:
@@ -110,7 +119,8 @@ def init_rollout_state(envs: VectorEnv, seed: int, *, global_step: int = 0) -> R
         )
     n = envs.num_envs
     env_id = envs.spec.id if envs.spec is not None else "<unknown env>"
-    obs, _ = envs.reset(seed=[int(seed) + i for i in range(n)])
+    obs, infos = envs.reset(seed=[int(seed) + i for i in range(n)])
+    source = mask_source(action_masks, envs.single_action_space, infos, envs)
     finite = np.isfinite(np.asarray(obs, dtype=np.float64).reshape(n, -1)).all(1)
     if not finite.all():
         raise ValueError(
@@ -123,6 +133,8 @@ def init_rollout_state(envs: VectorEnv, seed: int, *, global_step: int = 0) -> R
         episode_returns=np.zeros(n, dtype=np.float64),
         episode_lengths=np.zeros(n, dtype=np.int64),
         global_step=int(global_step),
+        mask_source=source,
+        masks=vector_masks(envs, infos, source) if source is not None else None,
     )
 
 
@@ -145,6 +157,7 @@ class Rollout:
             ended during this rollout, in the order they ended.
         episode_lengths: ``(E,)`` int64 their lengths.
         global_step: Env steps taken after this rollout.
+        action_masks: ``(T, N, ΣK)`` bool masks of ``s_t`` (None without masks).
     """
 
     obs: Tensor
@@ -158,6 +171,7 @@ class Rollout:
     episode_returns: Tensor
     episode_lengths: Tensor
     global_step: int
+    action_masks: Tensor | None = None
 
     @property
     def n_steps(self) -> int:
@@ -266,6 +280,8 @@ def _env_stepper(
     term_buf: np.ndarray,
     trunc_buf: np.ndarray,
     finals: list[tuple[int, int, np.ndarray]],
+    mask_buf: np.ndarray | None = None,
+    source: str | None = None,
 ) -> Callable[[int, np.ndarray], None]:
     """``step(t, actions)``: one vector step written into row ``t`` (``t + 1`` for obs).
 
@@ -273,7 +289,8 @@ def _env_stepper(
     same-step autoreset semantics (step; if terminated or truncated keep the final
     observation and reset at once) but without its batching, info-dict and copy
     machinery, which costs more than a cheap env's own step. Any other vector env
-    (``AsyncVectorEnv``) goes through ``envs.step``.
+    (``AsyncVectorEnv``) goes through ``envs.step``. With ``mask_buf``, row ``t + 1`` gets
+    the action masks of the new states (from ``source``, :mod:`trpo.masks`).
     """
     if isinstance(envs, SyncVectorEnv):
         sub_envs = tuple(envs.envs)
@@ -284,11 +301,13 @@ def _env_stepper(
             # step) runs numpy dtype checks on a numpy integer that cost as much as the physics.
             per_env = actions.tolist() if actions.ndim == 1 else actions
             for i, env in enumerate(sub_envs):
-                obs, r, te, tr, _ = env.step(per_env[i])
+                obs, r, te, tr, info = env.step(per_env[i])
                 if te or tr:
                     finals.append((t, i, np.array(obs)))
-                    obs, _ = env.reset()
+                    obs, info = env.reset()
                 next_obs[i] = obs
+                if mask_buf is not None:
+                    mask_buf[t + 1, i] = env_mask(env, info, source)
                 rew[i], term[i], trunc[i] = r, te, tr
 
         return step_sync
@@ -300,6 +319,8 @@ def _env_stepper(
             for i in np.flatnonzero(infos["_final_obs"]):
                 finals.append((t, int(i), np.array(fin[i])))
         obs_buf[t + 1] = obs
+        if mask_buf is not None:
+            mask_buf[t + 1] = vector_masks(envs, infos, source)
         rew_buf[t] = rew
         term_buf[t] = term
         trunc_buf[t] = trunc
@@ -309,22 +330,28 @@ def _env_stepper(
 
 def _torch_policy(
     actor: Actor, noise: Tensor | list[Tensor], normalizer: RunningMeanStd | None, device
-) -> Callable[[int, np.ndarray], np.ndarray]:
-    """``(t, raw obs (N, ...)) -> action (numpy)`` with the torch actor (any device)."""
+) -> Callable[..., np.ndarray]:
+    """``(t, raw obs (N, ...), masks (N, ΣK) or None, rows or None) -> action (numpy)`` with
+    the torch actor (any device); ``rows`` selects one half's noise in async collection."""
     policy, family = actor.inference_fn(), actor.family
     normalize = normalizer.normalize if normalizer is not None else None
     cpu = device.type == "cpu"
     # Per-step noise views made once (indexing a list of heads every step costs more).
     steps = list(zip(*(n.unbind(0) for n in noise))) if isinstance(noise, list) else noise.unbind(0)
 
-    def act(t: int, obs: np.ndarray, rows: slice | None = None) -> np.ndarray:
+    def act(
+        t: int, obs: np.ndarray, mask: np.ndarray | None = None, rows: slice | None = None
+    ) -> np.ndarray:
         x = torch.from_numpy(obs)
         if not cpu:
             x = x.to(device, non_blocking=True)
         if normalize is not None:
             x = normalize(x)
+        params = policy(x)
+        if mask is not None:
+            params = mask_logits(params, torch.from_numpy(mask).to(device), check=False)
         eps = steps[t] if rows is None else _rows_of(steps[t], rows)
-        a = sample_from_noise(family, policy(x), eps)
+        a = sample_from_noise(family, params, eps)
         return a.numpy() if cpu else a.cpu().numpy()
 
     return act
@@ -332,7 +359,7 @@ def _torch_policy(
 
 def _numpy_policy(
     actor: Actor, noise: Tensor | list[Tensor], normalizer: RunningMeanStd | None, dtype
-) -> Callable[[int, np.ndarray], np.ndarray]:
+) -> Callable[..., np.ndarray]:
     """The same map as :func:`_torch_policy` in numpy (CPU actor): the sampling rules of
     :func:`trpo.policy.sample_from_noise` applied to :meth:`Actor.numpy_inference_fn`."""
     policy, family = actor.numpy_inference_fn(), actor.family
@@ -364,9 +391,17 @@ def _numpy_policy(
         def sample(params, eps):
             return (params > eps).astype(params.dtype)
 
-    def act(t: int, obs: np.ndarray, rows: slice | None = None) -> np.ndarray:
-        eps = steps[t] if rows is None else _rows_of(steps[t], rows)
-        return sample(policy(normalize(obs) if normalize is not None else obs), eps)
+    splits = np.cumsum(actor.nvec)[:-1]
+
+    def act(
+        t: int, obs: np.ndarray, mask: np.ndarray | None = None, rows: slice | None = None
+    ) -> np.ndarray:
+        params = policy(normalize(obs) if normalize is not None else obs)
+        if mask is not None and family == "multi_categorical":  # −inf logits: never sampled
+            params = [np.where(m, p, -np.inf) for p, m in zip(params, np.split(mask, splits, -1))]
+        elif mask is not None:
+            params = np.where(mask, params, -np.inf)
+        return sample(params, steps[t] if rows is None else _rows_of(steps[t], rows))
 
     return act
 
@@ -399,7 +434,7 @@ def _collect_pipelined(
 
     def launch(t: int, g: int) -> None:
         rows = envs.groups[g]
-        a = act(t, obs_buf[t, rows], rows)
+        a = act(t, obs_buf[t, rows], None, rows)
         if not act_buf:
             act_buf.append(np.empty((T, obs_buf.shape[1], *a.shape[1:]), dtype=a.dtype))
         act_buf[0][t, rows] = a
@@ -501,18 +536,30 @@ def collect_rollout(
     trunc_buf = np.empty((T, N), dtype=np.bool_)
     finals: list[tuple[int, int, np.ndarray]] = []
     act_buf: np.ndarray | None = None
+    mask_buf = None
+    if state.mask_source is not None:
+        mask_buf = np.empty((T + 1, *state.masks.shape), dtype=np.bool_)
+        mask_buf[0] = state.masks
 
-    env_step = _env_stepper(envs, obs_buf, rew_buf, term_buf, trunc_buf, finals)
+    env_step = _env_stepper(
+        envs, obs_buf, rew_buf, term_buf, trunc_buf, finals, mask_buf, state.mask_source
+    )
     with torch.inference_mode():
         # One torch forward on s_0 gives the shapes for drawing the rollout's noise.
         x0 = torch.from_numpy(obs_buf[0]).to(device)
         probe = actor.inference_fn()(normalize(x0) if normalize is not None else x0)
         noise = draw_noise(family, probe, generator, batch_shape=(T,))
-        if policy_backend == "numpy" or (policy_backend == "auto" and cpu):
+        if actor.numpy_inference_fn is None and policy_backend == "numpy":
+            raise ValueError("policy_backend='numpy' needs the built-in MLP actor")
+        if actor.numpy_inference_fn is not None and (
+            policy_backend == "numpy" or (policy_backend == "auto" and cpu)
+        ):
             act = _numpy_policy(actor, noise, obs_normalizer, obs_buf.dtype)
         else:
             act = _torch_policy(actor, noise, obs_normalizer, device)
         if len(getattr(envs, "groups", ())) == 2:
+            if mask_buf is not None:  # envpool reports no masks; refuse rather than ignore
+                raise ValueError("action masks are not supported with envpool's async collection")
             holder: list[np.ndarray] = []
             done = [0]
             bufs = (obs_buf, rew_buf, term_buf, trunc_buf)
@@ -522,7 +569,7 @@ def collect_rollout(
                 _raise_env_error(env_id, step0, done[0], obs_buf, rew_buf, finals, e)
             act_buf = holder[0]
         for t in range(T if act_buf is None else 0):
-            a_np = act(t, obs_buf[t])
+            a_np = act(t, obs_buf[t], None if mask_buf is None else mask_buf[t])
             if act_buf is None:
                 act_buf = np.empty((T, *a_np.shape), dtype=a_np.dtype)
             act_buf[t] = a_np
@@ -557,7 +604,13 @@ def collect_rollout(
         if normalize is None:
             obs_policy = obs_policy.clone()  # do not alias the numpy buffer
         actions = torch.from_numpy(act_buf).to(device)
-        log_probs = log_prob(family, actor(obs_policy), actions)
+        # The actor sees (B, *obs_shape) batches only (the protocol of trpo.modules).
+        dist = actor(obs_policy.reshape(T * N, *obs_policy.shape[2:]))
+        masks = None if mask_buf is None else torch.from_numpy(mask_buf[:T]).to(device)
+        if masks is not None:  # checked: a state without a valid action is an error
+            dist = mask_logits(dist, masks.reshape(T * N, -1))
+        log_probs = log_prob(family, dist, actions.reshape(T * N, *actions.shape[2:]))
+        log_probs = log_probs.reshape(T, N)
 
     terminations = torch.from_numpy(term_buf)
     truncations = torch.from_numpy(trunc_buf)
@@ -571,6 +624,8 @@ def collect_rollout(
 
     ep_returns, ep_lengths = _episode_statistics(rew_buf, term_buf | trunc_buf, state)
     state.obs = obs_buf[T].copy()
+    if mask_buf is not None:
+        state.masks = mask_buf[T].copy()
     state.global_step = step0 + T * N
     return Rollout(
         obs=obs_policy,
@@ -584,6 +639,7 @@ def collect_rollout(
         episode_returns=ep_returns,
         episode_lengths=ep_lengths,
         global_step=state.global_step,
+        action_masks=masks,
     )
 
 

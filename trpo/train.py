@@ -69,9 +69,12 @@ from trpo.logger import (
     plot_learning_curve,
     read_metrics,
 )
+from trpo.masks import check_mask_space
 from trpo.memory import check_memory
+from trpo.modules import check_user_modules
+from trpo.networks import build_actor, build_critic
 from trpo.normalize import RewardScaler, RunningMeanStd
-from trpo.policy import Actor, Critic, make_actor, make_critic, observation_dim
+from trpo.policy import Actor, Critic, observation_dim
 from trpo.rollout import Rollout, RolloutState, collect_rollout, init_rollout_state, make_envs
 from trpo.update import PolicyBatch, PolicyStepResult, PolicyStepSettings, policy_step
 
@@ -136,6 +139,7 @@ class _State:
     cpu_generator: torch.Generator  # Fisher subsample and critic minibatches
     obs_rms: RunningMeanStd | None
     reward_scaler: RewardScaler | None
+    user_modules: tuple[str, ...] = ()  # networks passed to train() as modules, no factory
     update: int = 0  # updates done
     global_step: int = 0  # env steps done, summed over ranks
 
@@ -165,8 +169,15 @@ class _Update(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------ set-up
-def train(config: TRPOConfig) -> TrainResult:
+def train(
+    config: TRPOConfig, *, actor: torch.nn.Module | None = None, critic: torch.nn.Module | None = None
+) -> TrainResult:
     """Train a TRPO agent as configured; returns the policy, the metrics and the run directory.
+
+    ``actor`` / ``critic``: your own ``nn.Module``s instead of the built-in networks (the
+    protocol: :mod:`trpo.modules`, docs/policies.md); they are trained in place, and
+    ``result.actor.net`` is yours. To resume or evaluate such a run, pass modules of the same
+    architecture again, or name their constructors in ``actor_factory`` / ``critic_factory``.
 
     A new run creates its directory ``runs_root/run_name`` exclusively (a ``run_name`` that
     exists is refused; a default name that is taken gets a suffix). With ``config.resume``
@@ -215,7 +226,7 @@ def train(config: TRPOConfig) -> TrainResult:
             obs_space, act_space = envs.single_observation_space, envs.single_action_space
             check_memory(config, observation_dim(obs_space), _dist_param_dim(act_space))
             config = _agree_on_run_dir(config, dp)
-            return _train(config, envs, device, dp)
+            return _train(config, envs, device, dp, (actor, critic))
         finally:
             _close_envs(envs)
     except RuntimeError as e:
@@ -305,14 +316,18 @@ def _agree_on_run_dir(config: TRPOConfig, dp: DataParallel) -> TRPOConfig:
     return outcome
 
 
-def _build(config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel) -> _State:
-    """Fresh networks, critic optimiser, generators and normalisers, seeded by ``config.seed``."""
+def _build(
+    config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel, modules: tuple
+) -> _State:
+    """Fresh networks (or the user's ``modules`` = (actor, critic), each possibly None), critic
+    optimiser, generators and normalisers, seeded by ``config.seed``."""
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    check_mask_space(config.action_masks, act_space)
     dtype = config.torch_dtype()
     torch.manual_seed(config.seed)
-    actor = make_actor(obs_space, act_space, config.hidden_sizes).to(device=device, dtype=dtype)
-    critic = make_critic(obs_space, config.hidden_sizes).to(device=device, dtype=dtype)
-    if actor.family == "diag_gaussian" and config.log_std_init != 0.0:
+    actor = build_actor(config, obs_space, act_space, modules[0]).to(device=device, dtype=dtype)
+    critic = build_critic(config, obs_space, act_space, modules[1]).to(device=device, dtype=dtype)
+    if getattr(actor, "log_std", None) is not None and config.log_std_init != 0.0:
         with torch.no_grad():
             actor.log_std.fill_(config.log_std_init)
     obs_rms = (
@@ -334,6 +349,11 @@ def _build(config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel
         cpu_generator=torch.Generator().manual_seed(config.seed + 1),
         obs_rms=obs_rms,
         reward_scaler=reward_scaler,
+        user_modules=tuple(
+            name
+            for name, module in zip(("actor", "critic"), modules)
+            if module is not None and getattr(config, f"{name}_factory") is None
+        ),
     )
 
 
@@ -344,7 +364,10 @@ def _restore(state: _State, config: TRPOConfig, device: torch.device, dp: DataPa
     loaded = load_latest_checkpoint(
         config.run_dir,
         map_location=device,
-        validate=lambda saved: check_state_shapes(saved, actor=state.actor, critic=state.critic),
+        validate=lambda saved: (
+            check_user_modules(saved, state.user_modules),
+            check_state_shapes(saved, actor=state.actor, critic=state.critic),
+        ),
     )
     for path, reason in loaded.skipped:
         print(f"warning: skipped checkpoint {path}: {reason}", file=sys.stderr)
@@ -376,8 +399,10 @@ def _restore(state: _State, config: TRPOConfig, device: torch.device, dp: DataPa
         )
 
 
-def _train(config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel) -> TrainResult:
-    state = _build(config, envs, device, dp)
+def _train(
+    config: TRPOConfig, envs: Any, device: torch.device, dp: DataParallel, modules: tuple
+) -> TrainResult:
+    state = _build(config, envs, device, dp, modules)
     if config.resume is not None:
         _restore(state, config, device, dp)
     # Every rank starts from rank 0's parameters (and checks that the rest agrees too).
@@ -532,7 +557,9 @@ def _reset_envs(envs: Any, config: TRPOConfig, state: _State, dp: DataParallel) 
     """
     reset_seed = dp.env_seed(_env_reset_seed(config, state.update))
     try:
-        return init_rollout_state(envs, reset_seed, global_step=state.global_step)
+        return init_rollout_state(
+            envs, reset_seed, global_step=state.global_step, action_masks=config.action_masks
+        )
     except Exception as e:
         where = (
             f"the run in {config.run_dir} is unchanged at update {state.update}; resume it "
@@ -613,7 +640,11 @@ def _advantages(
         adv = normalize_advantages(adv, reducer=dp.reducer)
     obs = rollout.obs.reshape(rollout.batch_size, *rollout.obs.shape[2:])
     actions = rollout.actions.reshape(rollout.batch_size, *rollout.actions.shape[2:])
-    return PolicyBatch(obs=obs, actions=actions, advantages=adv), returns.reshape(-1)
+    masks = rollout.action_masks
+    if masks is not None:
+        masks = masks.reshape(rollout.batch_size, -1)
+    batch = PolicyBatch(obs=obs, actions=actions, advantages=adv, masks=masks)
+    return batch, returns.reshape(-1)
 
 
 def _update(
@@ -776,6 +807,8 @@ class _Checkpoints:
             # In a distributed run each rank's RNG is derived from (seed, rank, update).
             "world_size": self.dp.world_size,
         }
+        if state.user_modules:
+            saved["user_modules"] = list(state.user_modules)
         if state.obs_rms is not None:
             saved["obs_rms"] = state.obs_rms.state_dict()
         if state.reward_scaler is not None:
@@ -821,6 +854,7 @@ def _finish(config: TRPOConfig, state: _State, dp: DataParallel) -> TrainResult:
             episodes=config.eval_episodes,
             obs_normalizer=state.obs_rms,
             seed=config.seed + 10_000,
+            action_masks=config.action_masks,
         )
         print(
             f"evaluation over {len(eval_returns)} episodes: mean return "

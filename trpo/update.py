@@ -42,7 +42,7 @@ from natgrad import cuda_graph
 from natgrad.cg import CG
 from natgrad.curvature import fisher_operator
 from natgrad.distributed import LOCAL, Reducer
-from natgrad.families import DistParams, entropy, kl_divergence, log_prob
+from natgrad.families import DistParams, entropy, kl_divergence, log_prob, mask_logits
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.trust_region import LineSearchResult, NaturalStep, line_search, natural_step
 from trpo.critic import settings_from_keywords
@@ -71,11 +71,15 @@ class PolicyBatch:
         obs: ``(B, *obs_shape)`` observations as the policy saw them (normalised).
         actions: ``(B, ...)`` actions taken (unclipped samples for Box spaces).
         advantages: ``(B,)`` advantage estimates Â_t (already normalised if configured).
+        masks: ``(B, ΣK)`` bool action masks (:mod:`trpo.masks`), or None: π is then the
+            categorical restricted to the valid actions everywhere in the step (surrogate,
+            KL, Fisher, entropy), via :func:`natgrad.families.mask_logits`.
     """
 
     obs: Tensor
     actions: Tensor
     advantages: Tensor
+    masks: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -281,8 +285,8 @@ def policy_step_tensors(
 
     # (0) π_θ linearised at θ_old on the Fisher's states, once: its outputs are π_old, its
     # reverse pass gives g in (2), its forward and reverse passes the Fisher in (3).
-    fisher_obs = _fisher_states(batch.obs, settings.fvp_fraction, generator)
-    fisher = _fisher(actor, params, fisher_obs)
+    fisher_obs, fisher_masks = _fisher_states(batch, settings.fvp_fraction, generator)
+    fisher = _fisher(actor, params, fisher_obs, fisher_masks)
     linearised = fisher if _reuses_linearisation(fisher, fisher_obs, batch) else None
     old = _old_policy(actor, params, batch, linearised)
 
@@ -315,18 +319,35 @@ def policy_step_tensors(
 
 
 # --------------------------------------------------------------- the step's helpers
-def _fisher_states(obs: Tensor, fraction: float, generator: torch.Generator | None) -> Tensor:
-    """The states of the Fisher: ``obs`` itself, or a random ``fraction`` of them."""
+def _fisher_states(
+    batch: PolicyBatch, fraction: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor | None]:
+    """The states of the Fisher and their masks: the batch's, or a random ``fraction``."""
+    obs, masks = batch.obs, batch.masks
     if fraction >= 1.0:
-        return obs
+        return obs, masks
     n = obs.shape[0]
     idx = torch.randperm(n, generator=generator, device="cpu")[: max(1, int(round(fraction * n)))]
-    return obs[idx.to(obs.device)]
+    idx = idx.to(obs.device)
+    return obs[idx], None if masks is None else masks[idx]
 
 
-def _fisher(actor: Actor, params: dict[str, Tensor], obs: Tensor) -> Any:
+def _dist(actor: Actor, params: dict[str, Tensor], obs: Tensor, masks: Tensor | None) -> Any:
+    """π_θ's distribution parameters on ``obs``; invalid actions' logits −∞ under ``masks``."""
+    dist = actor.functional_dist_params(params, obs)
+    return dist if masks is None else mask_logits(dist, masks, check=False)
+
+
+def _fisher(
+    actor: Actor, params: dict[str, Tensor], obs: Tensor, masks: Tensor | None = None
+) -> Any:
     """The Fisher operator at θ_old: on the written-out tanh-MLP products of
-    :mod:`natgrad.mlp` for the plain actor, else on ``torch.func``'s."""
+    :mod:`natgrad.mlp` for the plain actor without masks, else on ``torch.func``'s (with
+    masks: the Fisher of the categorical restricted to the valid actions)."""
+    if masks is not None:
+        return fisher_operator(
+            lambda p, o, m: _dist(actor, p, o, m), params, obs, masks, family=actor.family
+        )
     written_out = actor.written_out_dist_fn(params, obs)
     if written_out is not None:
         return fisher_operator(
@@ -357,7 +378,7 @@ def _old_policy(
         dist = (
             fisher.outputs
             if fisher is not None
-            else actor.functional_dist_params(params, batch.obs)
+            else _dist(actor, params, batch.obs, batch.masks)
         )
         dist = torch.utils._pytree.tree_map(lambda t: t.detach().clone(), dist)
         family = actor.family
@@ -383,7 +404,7 @@ def _surrogate_and_gradient(
         grad_z, value = torch.func.grad_and_value(lambda z: surrogate(z, batch, old))(old.dist)
         return value, fisher.vjp(grad_z)
     return flat_grad(
-        lambda p: surrogate(actor.functional_dist_params(p, batch.obs), batch, old), params
+        lambda p: surrogate(_dist(actor, p, batch.obs, batch.masks), batch, old), params
     )
 
 
@@ -428,7 +449,7 @@ def _line_search(
     cache: dict[str, Any] = {}
 
     def evaluate(theta: Tensor) -> tuple[Tensor, Tensor]:
-        dist = actor.functional_dist_params(space.unravel(theta), batch.obs)
+        dist = _dist(actor, space.unravel(theta), batch.obs, batch.masks)
         return surrogate(dist, batch, old), mean_kl(dist, old)
 
     def pair(theta: Tensor) -> Tensor:
@@ -516,8 +537,9 @@ def _step_result(out: PolicyStepTensors) -> PolicyStepResult:
 
 
 # ------------------------------------------------------------------------ CUDA graph
-def _batch_tensors(batch: PolicyBatch) -> tuple[Tensor, Tensor, Tensor]:
-    return batch.obs, batch.actions, batch.advantages
+def _batch_tensors(batch: PolicyBatch) -> tuple[Tensor, ...]:
+    masks = () if batch.masks is None else (batch.masks,)
+    return batch.obs, batch.actions, batch.advantages, *masks
 
 
 def graphed_policy_step(
