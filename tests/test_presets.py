@@ -27,7 +27,10 @@ def test_mujoco_presets_match_the_issue(env_id):
     cfg = config_for(env_id)
     assert (cfg.n_envs, cfg.n_steps, cfg.cg_iters, cfg.cg_damping) == (2, 1024, 25, 0.1)
     assert (cfg.critic_epochs, cfg.critic_lr, cfg.gae_lambda) == (20, 1e-3, 0.95)
-    assert cfg.normalize_obs and cfg.total_steps == 1_000_000
+    # Hopper learns faster without normalisation (docs/benchmarks.md); the others keep zoo's.
+    normalised = env_id != "Hopper-v5"
+    assert cfg.normalize_obs == cfg.normalize_reward == normalised
+    assert cfg.total_steps == 1_000_000
     assert cfg.max_kl == (0.04 if env_id == "HalfCheetah-v5" else 0.01)
 
 
