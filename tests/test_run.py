@@ -39,7 +39,7 @@ def test_cli_types_tuples_bools_optionals():
     cfg = parse_cli(
         [
             "--env",
-            "Hopper-v5",
+            "Walker2d-v5",  # its preset normalises observations and rewards
             "--hidden-sizes",
             "32",
             "16",
