@@ -504,128 +504,40 @@ def collect_rollout(
             After either error the envs are in an unknown state: reset them
             with :func:`init_rollout_state`.
     """
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps <= 0:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
-    if dtype not in _NUMPY_DTYPES:
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if policy_backend not in ("auto", "numpy", "torch"):
-        raise ValueError(
-            f"policy_backend must be 'auto', 'numpy' or 'torch', got {policy_backend!r}"
-        )
-    device = _check_dtype(actor, "actor", dtype)
-    _check_dtype(critic, "critic", dtype)
+    device = _check_rollout_args(envs, actor, critic, n_steps, state, dtype, policy_backend)
     T, N = n_steps, envs.num_envs
-    if state.obs.shape[0] != N:
-        raise ValueError(
-            f"state has {state.obs.shape[0]} envs but envs has {N}; use init_rollout_state"
-        )
-    family = actor.family
-    to_env = env_action_converter(envs.single_action_space)
     env_id, step0 = state.env_id, state.global_step
     normalize = obs_normalizer.normalize if obs_normalizer is not None else None
-    cpu = device.type == "cpu"
-    if policy_backend == "numpy" and not cpu:
-        raise ValueError("policy_backend='numpy' needs the actor on the CPU")
-
-    # Preallocated buffers: raw obs in the rollout dtype (row t+1 is s_{t+1}, or the
-    # first obs of the next episode), rewards/flags in numpy, actions in numpy.
-    obs_buf = np.empty((T + 1, *state.obs.shape), dtype=_NUMPY_DTYPES[dtype])
-    obs_buf[0] = state.obs
-    rew_buf = np.empty((T, N), dtype=np.float64)
-    term_buf = np.empty((T, N), dtype=np.bool_)
-    trunc_buf = np.empty((T, N), dtype=np.bool_)
-    finals: list[tuple[int, int, np.ndarray]] = []
-    act_buf: np.ndarray | None = None
-    mask_buf = None
-    if state.mask_source is not None:
-        mask_buf = np.empty((T + 1, *state.masks.shape), dtype=np.bool_)
-        mask_buf[0] = state.masks
-
-    env_step = _env_stepper(
-        envs, obs_buf, rew_buf, term_buf, trunc_buf, finals, mask_buf, state.mask_source
-    )
+    buf = _Buffers.allocate(T, state, _NUMPY_DTYPES[dtype])
     with torch.inference_mode():
-        # One torch forward on s_0 gives the shapes for drawing the rollout's noise.
-        x0 = torch.from_numpy(obs_buf[0]).to(device)
-        probe = actor.inference_fn()(normalize(x0) if normalize is not None else x0)
-        noise = draw_noise(family, probe, generator, batch_shape=(T,))
-        if actor.numpy_inference_fn is None and policy_backend == "numpy":
-            raise ValueError("policy_backend='numpy' needs the built-in MLP actor")
-        if actor.numpy_inference_fn is not None and (
-            policy_backend == "numpy" or (policy_backend == "auto" and cpu)
-        ):
-            act = _numpy_policy(actor, noise, obs_normalizer, obs_buf.dtype)
-        else:
-            act = _torch_policy(actor, noise, obs_normalizer, device)
-        if len(getattr(envs, "groups", ())) == 2:
-            if mask_buf is not None:  # envpool reports no masks; refuse rather than ignore
-                raise ValueError("action masks are not supported with envpool's async collection")
-            holder: list[np.ndarray] = []
-            done = [0]
-            bufs = (obs_buf, rew_buf, term_buf, trunc_buf)
-            try:
-                _collect_pipelined(envs, act, to_env, bufs, finals, holder, done)
-            except Exception as e:
-                _raise_env_error(env_id, step0, done[0], obs_buf, rew_buf, finals, e)
-            act_buf = holder[0]
-        for t in range(T if act_buf is None else 0):
-            a_np = act(t, obs_buf[t], None if mask_buf is None else mask_buf[t])
-            if act_buf is None:
-                act_buf = np.empty((T, *a_np.shape), dtype=a_np.dtype)
-            act_buf[t] = a_np
-            try:
-                env_step(t, to_env(a_np))
-            except Exception as e:
-                _raise_env_error(env_id, step0, t, obs_buf, rew_buf, finals, e)
+        act = _policy_for_rollout(actor, buf.obs, T, generator, obs_normalizer, device,
+                                  policy_backend)
+        _run_steps(envs, act, buf, env_id, step0)
 
     # One vectorised check for the whole rollout instead of one per step; the policy
     # may have acted on a non-finite observation meanwhile, but nothing of this
     # rollout is returned, stored or used to update any statistic.
-    _raise_if_nonfinite(env_id, step0, obs_buf[1:], rew_buf, finals)
+    _raise_if_nonfinite(env_id, step0, buf.obs[1:], buf.rew, buf.finals)
 
     # ---- after the loop: batched critic / log-prob passes, statistics -----------------
-    obs_all = torch.from_numpy(obs_buf).to(device)
-    if finals:
-        fin_obs = torch.from_numpy(np.stack([f for _, _, f in finals]).astype(obs_buf.dtype))
-        obs_all_flat = torch.cat([obs_all.reshape(-1, *obs_all.shape[2:]), fin_obs.to(device)])
-    else:
-        obs_all_flat = obs_all.reshape(-1, *obs_all.shape[2:])
     with torch.no_grad():
-        x_all = normalize(obs_all_flat) if normalize is not None else obs_all_flat
-        v_all = critic(x_all)
-        v_grid = v_all[: (T + 1) * N].reshape(T + 1, N)
-        values = v_grid[:T].clone()
-        next_values = v_grid[1:].clone()
-        if finals:
-            t_idx = torch.tensor([t for t, _, _ in finals], device=device)
-            i_idx = torch.tensor([i for _, i, _ in finals], device=device)
-            next_values[t_idx, i_idx] = v_all[(T + 1) * N :]
-        obs_policy = x_all[: T * N].reshape(T, N, *obs_all.shape[2:])
-        if normalize is None:
-            obs_policy = obs_policy.clone()  # do not alias the numpy buffer
-        actions = torch.from_numpy(act_buf).to(device)
-        # The actor sees (B, *obs_shape) batches only (the protocol of trpo.modules).
-        dist = actor(obs_policy.reshape(T * N, *obs_policy.shape[2:]))
-        masks = None if mask_buf is None else torch.from_numpy(mask_buf[:T]).to(device)
-        if masks is not None:  # checked: a state without a valid action is an error
-            dist = mask_logits(dist, masks.reshape(T * N, -1))
-        log_probs = log_prob(family, dist, actions.reshape(T * N, *actions.shape[2:]))
-        log_probs = log_probs.reshape(T, N)
+        obs_policy, values, next_values = _critic_pass(critic, buf, normalize, device)
+        actions = torch.from_numpy(buf.act).to(device)
+        masks = None if buf.mask is None else torch.from_numpy(buf.mask[:T]).to(device)
+        log_probs = _log_probs(actor, obs_policy, actions, masks)
 
-    terminations = torch.from_numpy(term_buf)
-    truncations = torch.from_numpy(trunc_buf)
-    raw_rewards = torch.from_numpy(rew_buf)
+    terminations = torch.from_numpy(buf.term)
+    truncations = torch.from_numpy(buf.trunc)
+    rewards = torch.from_numpy(buf.rew)
     if reward_scaler is not None:
-        rewards = reward_scaler.scale(raw_rewards, terminations | truncations)
-    else:
-        rewards = raw_rewards
+        rewards = reward_scaler.scale(rewards, terminations | truncations)
     if obs_normalizer is not None:
-        obs_normalizer.update(obs_buf[:T].reshape(T * N, *obs_buf.shape[2:]))
+        obs_normalizer.update(buf.obs[:T].reshape(T * N, *buf.obs.shape[2:]))
 
-    ep_returns, ep_lengths = _episode_statistics(rew_buf, term_buf | trunc_buf, state)
-    state.obs = obs_buf[T].copy()
-    if mask_buf is not None:
-        state.masks = mask_buf[T].copy()
+    ep_returns, ep_lengths = _episode_statistics(buf.rew, buf.term | buf.trunc, state)
+    state.obs = buf.obs[T].copy()
+    if buf.mask is not None:
+        state.masks = buf.mask[T].copy()
     state.global_step = step0 + T * N
     return Rollout(
         obs=obs_policy,
@@ -641,6 +553,151 @@ def collect_rollout(
         global_step=state.global_step,
         action_masks=masks,
     )
+
+
+def _check_rollout_args(
+    envs: VectorEnv, actor: Actor, critic: nn.Module, n_steps: int, state: RolloutState,
+    dtype: torch.dtype, policy_backend: str,
+) -> torch.device:
+    """The argument checks of :func:`collect_rollout`; returns the actor's device."""
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps <= 0:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if policy_backend not in ("auto", "numpy", "torch"):
+        raise ValueError(
+            f"policy_backend must be 'auto', 'numpy' or 'torch', got {policy_backend!r}"
+        )
+    device = _check_dtype(actor, "actor", dtype)
+    _check_dtype(critic, "critic", dtype)
+    if state.obs.shape[0] != envs.num_envs:
+        raise ValueError(
+            f"state has {state.obs.shape[0]} envs but envs has {envs.num_envs}; use "
+            "init_rollout_state"
+        )
+    if policy_backend == "numpy" and device.type != "cpu":
+        raise ValueError("policy_backend='numpy' needs the actor on the CPU")
+    if policy_backend == "numpy" and actor.numpy_inference_fn is None:
+        raise ValueError("policy_backend='numpy' needs the built-in MLP actor")
+    return device
+
+
+@dataclass
+class _Buffers:
+    """The rollout's preallocated numpy arrays: raw obs ``(T+1, N, ...)`` in the rollout
+    dtype (row t+1 is s_{t+1}, or the first obs of the next episode), rewards ``(T, N)``,
+    termination/truncation flags ``(T, N)``, masks ``(T+1, N, ΣK)`` or None, actions
+    ``(T, N, ...)`` (allocated at the first action), and ``(t, i, final obs)`` of the
+    episodes that ended."""
+
+    obs: np.ndarray
+    rew: np.ndarray
+    term: np.ndarray
+    trunc: np.ndarray
+    mask: np.ndarray | None
+    source: str | None
+    finals: list[tuple[int, int, np.ndarray]]
+    act: np.ndarray | None = None
+
+    @classmethod
+    def allocate(cls, T: int, state: RolloutState, obs_dtype: Any) -> _Buffers:
+        N = state.obs.shape[0]
+        obs = np.empty((T + 1, *state.obs.shape), dtype=obs_dtype)
+        obs[0] = state.obs
+        mask = None
+        if state.mask_source is not None:
+            mask = np.empty((T + 1, *state.masks.shape), dtype=np.bool_)
+            mask[0] = state.masks
+        flags = (np.empty((T, N), dtype=np.bool_) for _ in range(2))
+        return cls(obs, np.empty((T, N), dtype=np.float64), *flags, mask, state.mask_source, [])
+
+
+def _policy_for_rollout(
+    actor: Actor, obs: np.ndarray, T: int, generator: torch.Generator,
+    obs_normalizer: RunningMeanStd | None, device: torch.device, policy_backend: str,
+) -> Callable[..., np.ndarray]:
+    """The per-step ``act`` (numpy or torch, :func:`collect_rollout`'s ``policy_backend``)
+    with the rollout's noise drawn up front: one forward on ``s_0`` gives its shapes."""
+    normalize = obs_normalizer.normalize if obs_normalizer is not None else None
+    x0 = torch.from_numpy(obs[0]).to(device)
+    probe = actor.inference_fn()(normalize(x0) if normalize is not None else x0)
+    noise = draw_noise(actor.family, probe, generator, batch_shape=(T,))
+    if actor.numpy_inference_fn is not None and (
+        policy_backend == "numpy" or (policy_backend == "auto" and device.type == "cpu")
+    ):
+        return _numpy_policy(actor, noise, obs_normalizer, obs.dtype)
+    return _torch_policy(actor, noise, obs_normalizer, device)
+
+
+def _run_steps(
+    envs: VectorEnv, act: Callable[..., np.ndarray], buf: _Buffers, env_id: str, step0: int
+) -> None:
+    """Fill ``buf`` with ``T`` vector steps: pipelined over envpool's two pools when ``envs``
+    has them (:func:`_collect_pipelined`), else one policy call and one ``step`` per t."""
+    T = buf.rew.shape[0]
+    to_env = env_action_converter(envs.single_action_space)
+    if len(getattr(envs, "groups", ())) == 2:
+        if buf.mask is not None:  # envpool reports no masks; refuse rather than ignore
+            raise ValueError("action masks are not supported with envpool's async collection")
+        holder: list[np.ndarray] = []
+        done = [0]
+        bufs = (buf.obs, buf.rew, buf.term, buf.trunc)
+        try:
+            _collect_pipelined(envs, act, to_env, bufs, buf.finals, holder, done)
+        except Exception as e:
+            _raise_env_error(env_id, step0, done[0], buf.obs, buf.rew, buf.finals, e)
+        buf.act = holder[0]
+        return
+    env_step = _env_stepper(envs, buf.obs, buf.rew, buf.term, buf.trunc, buf.finals, buf.mask,
+                            buf.source)
+    for t in range(T):
+        a_np = act(t, buf.obs[t], None if buf.mask is None else buf.mask[t])
+        if buf.act is None:
+            buf.act = np.empty((T, *a_np.shape), dtype=a_np.dtype)
+        buf.act[t] = a_np
+        try:
+            env_step(t, to_env(a_np))
+        except Exception as e:
+            _raise_env_error(env_id, step0, t, buf.obs, buf.rew, buf.finals, e)
+
+
+def _critic_pass(
+    critic: nn.Module, buf: _Buffers, normalize: Callable[[Tensor], Tensor] | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One batched critic forward over every state of the rollout and the true final
+    observations: ``(obs the policy saw (T, N, ...), V(s_t) (T, N), V(s'_t) (T, N))``, with
+    ``V(s'_t)`` of an ended episode taken at its final observation (bootstrap on truncation;
+    GAE ignores it on termination)."""
+    T, N = buf.rew.shape
+    obs_all = torch.from_numpy(buf.obs).to(device)
+    flat = obs_all.reshape(-1, *obs_all.shape[2:])
+    if buf.finals:
+        fin = np.stack([f for _, _, f in buf.finals]).astype(buf.obs.dtype)
+        flat = torch.cat([flat, torch.from_numpy(fin).to(device)])
+    x_all = normalize(flat) if normalize is not None else flat
+    v_all = critic(x_all)
+    v_grid = v_all[: (T + 1) * N].reshape(T + 1, N)
+    values, next_values = v_grid[:T].clone(), v_grid[1:].clone()
+    if buf.finals:
+        t_idx = torch.tensor([t for t, _, _ in buf.finals], device=device)
+        i_idx = torch.tensor([i for _, i, _ in buf.finals], device=device)
+        next_values[t_idx, i_idx] = v_all[(T + 1) * N :]
+    obs_policy = x_all[: T * N].reshape(T, N, *obs_all.shape[2:])
+    if normalize is None:
+        obs_policy = obs_policy.clone()  # do not alias the numpy buffer
+    return obs_policy, values, next_values
+
+
+def _log_probs(actor: Actor, obs: Tensor, actions: Tensor, masks: Tensor | None) -> Tensor:
+    """``log π(a_t | s_t)`` ``(T, N)`` by the torch actor on ``(T·N, *obs_shape)`` (the
+    protocol of :mod:`trpo.modules`), masked logits where the env gives masks."""
+    T, N = obs.shape[:2]
+    dist = actor(obs.reshape(T * N, *obs.shape[2:]))
+    if masks is not None:  # checked: a state without a valid action is an error
+        dist = mask_logits(dist, masks.reshape(T * N, -1))
+    log_probs = log_prob(actor.family, dist, actions.reshape(T * N, *actions.shape[2:]))
+    return log_probs.reshape(T, N)
 
 
 def _episode_statistics(
