@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -127,57 +130,19 @@ def evaluate_policy(
     )
     cap = _episode_cap(env, max_episode_steps)
     to_env = env_action_converter(env.action_space)
-    param = next(actor.parameters())
-    frames: list[np.ndarray] = []
+    recorder = _Recorder(env, max_video_frames) if video_path is not None else None
     returns: list[float] = []
-    recording = video_path is not None
     capped = 0
-
-    def grab() -> None:
-        nonlocal recording
-        if len(frames) >= max_video_frames:
-            return
-        try:
-            frame = env.render()
-        except gym.error.DependencyNotInstalled as e:
-            # A missing renderer (pygame, OpenGL) costs the video, not the evaluation.
-            warnings.warn(f"no video written: {e}", stacklevel=3)
-            recording = False
-            return
-        if frame is not None:
-            frames.append(np.asarray(frame))
-
     try:
         for i in range(episodes):
             obs, info = env.reset(seed=seed + i)
             if i == 0:
                 source = mask_source(action_masks, env.action_space, info, env)
             _check_finite(env_id, i, 0, obs, 0.0)
-            if recording and i == 0:
-                grab()
-            done, total, steps = False, 0.0, 0
-            while not done:
-                x = torch.as_tensor(np.asarray(obs), dtype=param.dtype, device=param.device)
-                if obs_normalizer is not None:
-                    x = obs_normalizer.normalize(x)
-                with torch.inference_mode():
-                    dist = actor(x.unsqueeze(0))
-                    if source is not None:
-                        mask = torch.as_tensor(env_mask(env, info, source), device=param.device)
-                        dist = mask_logits(dist, mask.unsqueeze(0))
-                    action = mode(actor.family, dist)[0]
-                a = to_env(action.cpu().numpy())
-                # A Discrete action as a Python int: some envs (Taxi) index tables with it.
-                obs, reward, terminated, truncated, info = env.step(a.item() if a.ndim == 0 else a)
-                steps += 1
-                _check_finite(env_id, i, steps, obs, reward)
-                total += float(reward)
-                done = bool(terminated or truncated)
-                if not done and steps >= cap:
-                    done, capped = True, capped + 1
-                if recording and i == 0:
-                    grab()
+            play = _Episode(env, env_id, i, actor, obs_normalizer, source, cap, to_env)
+            total, was_capped = play(obs, info, recorder if i == 0 else None)
             returns.append(total)
+            capped += was_capped
     finally:
         env.close()
     if capped:
@@ -186,9 +151,77 @@ def evaluate_policy(
             f"{cap} steps and were cut there (pass max_episode_steps to change the cap)",
             stacklevel=2,
         )
-    if video_path is not None and frames:
-        _write_gif(frames, Path(video_path), env.metadata.get("render_fps", 30) or 30)
+    if recorder is not None and recorder.frames:
+        _write_gif(recorder.frames, Path(video_path), env.metadata.get("render_fps", 30) or 30)
     return returns
+
+
+class _Recorder:
+    """Up to ``max_frames`` rendered frames; a missing renderer (pygame, OpenGL) costs the
+    video, with a warning, not the evaluation."""
+
+    def __init__(self, env: gym.Env, max_frames: int) -> None:
+        self.env, self.max_frames = env, max_frames
+        self.frames: list[np.ndarray] = []
+        self.active = True
+
+    def grab(self) -> None:
+        if not self.active or len(self.frames) >= self.max_frames:
+            return
+        try:
+            frame = self.env.render()
+        except gym.error.DependencyNotInstalled as e:
+            warnings.warn(f"no video written: {e}", stacklevel=4)
+            self.active = False
+            return
+        if frame is not None:
+            self.frames.append(np.asarray(frame))
+
+
+@dataclass(frozen=True)
+class _Episode:
+    """One evaluation episode of the deterministic policy (masked where ``source`` says),
+    cut at ``cap`` steps; ``__call__`` returns ``(undiscounted return, cut at the cap?)``."""
+
+    env: gym.Env
+    env_id: str
+    index: int
+    actor: Actor
+    obs_normalizer: RunningMeanStd | None
+    source: str | None
+    cap: int
+    to_env: Callable[[np.ndarray], np.ndarray]
+
+    def action(self, obs: Any, info: dict) -> Any:
+        param = next(self.actor.parameters())
+        x = torch.as_tensor(np.asarray(obs), dtype=param.dtype, device=param.device)
+        if self.obs_normalizer is not None:
+            x = self.obs_normalizer.normalize(x)
+        with torch.inference_mode():
+            dist = self.actor(x.unsqueeze(0))
+            if self.source is not None:
+                mask = env_mask(self.env, info, self.source)
+                dist = mask_logits(dist, torch.as_tensor(mask, device=param.device).unsqueeze(0))
+            action = mode(self.actor.family, dist)[0]
+        a = self.to_env(action.cpu().numpy())
+        # A Discrete action as a Python int: some envs (Taxi) index tables with it.
+        return a.item() if a.ndim == 0 else a
+
+    def __call__(self, obs: Any, info: dict, recorder: _Recorder | None) -> tuple[float, bool]:
+        if recorder is not None:
+            recorder.grab()
+        total, steps = 0.0, 0
+        while True:
+            obs, reward, terminated, truncated, info = self.env.step(self.action(obs, info))
+            steps += 1
+            _check_finite(self.env_id, self.index, steps, obs, reward)
+            total += float(reward)
+            if recorder is not None:
+                recorder.grab()
+            if terminated or truncated:
+                return total, False
+            if steps >= self.cap:
+                return total, True
 
 
 def load_policy(
