@@ -52,8 +52,10 @@ import gymnasium
 import torch
 import tyro
 
+from natgrad.mlp import ACTIVATIONS
 from trpo.envpool_env import BACKENDS
 from trpo.fileio import RunDirError, atomic_write_bytes, read_regular_file
+from trpo.masks import MASK_MODES
 
 __all__ = [
     "CONFIG_FILENAME",
@@ -366,9 +368,9 @@ class TRPOConfig:
                 f"policy must be 'auto', 'mlp' or 'cnn' (got {self.policy!r}); recurrent (GRU) "
                 "policies are not implemented"
             )
-        if self.activation not in ("tanh", "relu"):
+        if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be 'tanh' or 'relu' (got {self.activation!r})")
-        if self.action_masks not in ("auto", "on", "off"):
+        if self.action_masks not in MASK_MODES:
             raise ValueError(f"action_masks must be 'auto', 'on' or 'off' (got {self.action_masks!r})")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64' (got {self.dtype!r})")

@@ -109,8 +109,7 @@ def build_critic(
 ) -> Critic | ModuleCritic:
     """The critic of ``config`` (module docstring); errors as :func:`build_actor`."""
     if module is None and config.critic_factory is not None:
-        factory = load_factory(config.critic_factory, "critic_factory")
-        module = factory(observation_space, action_space)
+        module = load_factory(config.critic_factory, "critic_factory")(observation_space, action_space)
     if module is None:
         module = _builtin(config, observation_space, 1, 1.0)
     if module is not None:

@@ -410,9 +410,11 @@ def _train(
     dp.check_agreement(*state.shared())
     if dp.is_main:
         save_config(config, config.run_dir)
-        pool = config.env_backend == "envpool"
-        extra = f", {config.env_threads or 'default'} threads" * pool
-        extra += ", async" * config.async_envs
+        extra = ""
+        if config.env_backend == "envpool":
+            extra += f", {config.env_threads or 'default'} threads"
+        if config.async_envs:
+            extra += ", async"
         print(f"env backend: {config.env_backend} ({config.n_envs} envs{extra})", flush=True)
     num_updates = dp.num_updates(config.total_steps, config.batch_size)  # all ranks' steps
     reporter = _Reporter(config, dp, num_updates, state.global_step)
