@@ -7,6 +7,8 @@ Nature-CNN-like network for a uint8 ``(H, W, C)`` Box observation space.
 
 ``ColorPick-v0`` is a tiny synthetic env registered by importing this module: a 12×12 RGB image
 filled with noise, one channel brighter; the reward is 1 for naming that channel.
+``ColorPickDict-v0`` puts the image in a Dict next to a vector (``--env
+image_policy:ColorPickDict-v0``): the image part gets the CNN, the vector joins its features.
 """
 
 from __future__ import annotations
@@ -42,7 +44,21 @@ class ColorPick(gym.Env):
         return self._image(), reward, False, self.t >= 16, {}
 
 
+class ColorPickDict(ColorPick):
+    """The same task with a Dict observation: ``{"image": the image, "clock": (t/16, noise)}``;
+    ``--policy auto`` gives the image part its own CNN (trpo.networks.PartsNet)."""
+
+    observation_space = gym.spaces.Dict(
+        {"image": ColorPick.observation_space, "clock": gym.spaces.Box(-5, 5, (2,), np.float32)}
+    )
+
+    def _image(self) -> dict:
+        clock = np.array([getattr(self, "t", 0) / 16, self.np_random.normal()], np.float32)
+        return {"image": super()._image(), "clock": clock}
+
+
 gym.register("ColorPick-v0", entry_point=ColorPick)
+gym.register("ColorPickDict-v0", entry_point=ColorPickDict)
 
 
 def main(argv: list[str] | None = None) -> float:

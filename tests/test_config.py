@@ -89,7 +89,8 @@ INVALID = [
     ("actor_factory", "pkg/mod:f"),
     ("critic_factory", ":f"),
     ("action_masks", "true"),
-    ("policy", "gru"),
+    ("policy", "lstm"),
+    ("bptt_length", -1),
     ("activation", "elu"),
 ]
 

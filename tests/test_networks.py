@@ -1,5 +1,6 @@
 """The network choice (trpo.networks): --policy auto|mlp|cnn, --activation; the CNN's Fisher
-against double backprop of the mean KL in float64; a recurrent policy is a clear error."""
+against double backprop of the mean KL in float64; bad choices are clear errors (the GRU:
+tests/test_recurrent.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from natgrad.curvature import fisher_operator
 from natgrad.families import kl_divergence
 from natgrad.params import ParamSpace
 from trpo import TRPOConfig, train
+from trpo.envs import FlatNested, make_env
 from trpo.evaluation import evaluate_policy, load_policy
-from trpo.networks import NatureCNN, build_actor, build_critic
+from trpo.networks import NatureCNN, PartsNet, build_actor, build_critic, image_parts, pixel_mask
+from trpo.normalize import RunningMeanStd
 from trpo.policy import Actor
 from trpo.run import parse_cli
 from trpo.update import _fisher
@@ -91,10 +94,10 @@ def test_the_command_line_choices_and_bad_combinations(tmp_path, capsys):
     config = parse_cli(["--policy", "mlp", "--activation", "relu", "--hidden-sizes", "32"])
     assert (config.policy, config.activation, config.hidden_sizes) == ("mlp", "relu", (32,))
     with pytest.raises(SystemExit) as exc:
-        parse_cli(["--policy", "gru"])
-    assert exc.value.code == 2 and "gru" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"^policy must be .*recurrent \(GRU\) policies are not"):
-        TRPOConfig(policy="gru")
+        parse_cli(["--policy", "lstm"])
+    assert exc.value.code == 2 and "lstm" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^policy must be 'auto', 'mlp', 'cnn' or 'gru'"):
+        TRPOConfig(policy="lstm")
     with pytest.raises(ValueError, match="policy='cnn' needs image observations"):
         train(TRPOConfig(policy="cnn", runs_root=str(tmp_path), **QUIET))
     with pytest.raises(ValueError, match="turn normalize_obs off"):
@@ -130,3 +133,68 @@ def test_dict_observations_are_concatenated_for_the_mlp(tmp_path):
 
 def test_the_example_runs(tmp_path, example):
     assert np.isfinite(example.main(["--total-steps", "512", "--runs-root", str(tmp_path)]))
+
+
+DICT = gym.spaces.Dict(
+    {"image": gym.spaces.Box(0, 255, (12, 12, 3), np.uint8),
+     "clock": gym.spaces.Box(-5, 5, (2,), np.float32)}
+)
+
+
+def test_image_parts_of_a_dict_follow_gymnasiums_flatten_order():
+    flat_space = FlatNested(DICT)
+    DICT.seed(0)
+    sample = DICT.sample()
+    flat = gym.spaces.flatten(DICT, sample)
+    parts = image_parts(flat_space)
+    assert [shape for _, _, shape in parts] == [(12, 12, 3), None] or \
+        [shape for _, _, shape in parts] == [None, (12, 12, 3)]
+    for (a, b, shape), key in zip(parts, DICT.spaces):
+        np.testing.assert_array_equal(flat[a:b].reshape(shape or -1), sample[key].reshape(shape or -1))
+    mask = pixel_mask(flat_space)
+    assert mask.sum() == 12 * 12 * 3 and mask.numel() == flat.size
+    assert image_parts(FlatNested(gym.spaces.Dict({"x": gym.spaces.Box(-1, 1, (3,))}))) is None
+    assert image_parts(FlatNested(gym.spaces.Discrete(4))) is None  # one-hot, no parts
+
+
+@pytest.mark.parametrize("action_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,))])
+def test_dict_cnn_fisher_vector_product_is_double_backprop_of_the_mean_kl(action_space):
+    torch.manual_seed(0)
+    actor = build_actor(TRPOConfig(hidden_sizes=(16,)), FlatNested(DICT), action_space).double()
+    assert isinstance(actor.net, PartsNet)
+    DICT.seed(1)
+    obs = torch.tensor(np.stack([gym.spaces.flatten(DICT, DICT.sample()) for _ in range(5)])).double()
+    params = {k: v.detach() for k, v in actor.named_parameters()}
+    v = torch.randn(ParamSpace(params).numel, dtype=torch.float64)
+    torch.testing.assert_close(_fisher(actor, params, obs) @ v, _mean_kl_hvp(actor, params, obs, v))
+    # the image part really goes through the CNN: changing one pixel changes the output
+    moved = obs.clone()
+    moved[:, int(pixel_mask(FlatNested(DICT)).nonzero()[0])] += 50
+    out, out_moved = actor(obs), actor(moved)
+    first = out[0] if isinstance(out, tuple) else out
+    assert not torch.allclose(first, out_moved[0] if isinstance(out_moved, tuple) else out_moved)
+
+
+def test_the_normaliser_leaves_image_parts_raw_and_standardises_the_rest():
+    mask = torch.tensor([True, True, False, False])
+    rms = RunningMeanStd((4,), clip=1.0, raw=mask)
+    rms.update(np.array([[0.0, 10.0, 0.0, 0.0], [200.0, 30.0, 2.0, 100.0]]))
+    x = np.array([[255.0, 7.0, 3.0, 50.0]], dtype=np.float32)
+    out = rms.normalize(torch.tensor(x))
+    expect = torch.tensor([[255.0, 7.0, 1.0, 0.0]])  # raw, raw, clipped (3-1)/1, (50-50)/50
+    torch.testing.assert_close(out, expect)
+    np.testing.assert_allclose(rms.numpy_normalizer(np.float32)(x.copy()), expect.numpy())
+
+
+def test_a_dict_with_an_image_trains_and_evaluation_rebuilds_the_parts_net(tmp_path, example):
+    config = TRPOConfig(
+        env_id="image_policy:ColorPickDict-v0", n_envs=2, n_steps=32, total_steps=64,
+        hidden_sizes=(16,), eval_episodes=1, normalize_obs=True, runs_root=str(tmp_path),
+        **QUIET,
+    )
+    result = train(config)
+    assert isinstance(result.actor.net, PartsNet)
+    actor, obs_rms, env_id = load_policy(result.run_dir, allow_import=True)
+    torch.testing.assert_close(actor.state_dict(), result.actor.state_dict())
+    assert torch.equal(obs_rms.raw, pixel_mask(make_env(env_id).observation_space))
+    assert len(evaluate_policy(actor, env_id, episodes=1, obs_normalizer=obs_rms)) == 1

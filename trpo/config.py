@@ -93,7 +93,7 @@ _DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 _FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._=+-]+$")
 _INT_FIELDS = {  # name -> minimum
-    **dict.fromkeys(("seed", "eval_episodes", "torch_threads", "env_threads"), 0),
+    **dict.fromkeys(("seed", "eval_episodes", "torch_threads", "env_threads", "bptt_length"), 0),
     **dict.fromkeys(
         (
             "total_steps",
@@ -177,10 +177,15 @@ class TRPOConfig:
     Used in sampling, log-probs, entropy, KL, Fisher and evaluation (docs/policies.md)."""
 
     # --- networks ---------------------------------------------------------------------------
-    policy: Literal["auto", "mlp", "cnn"] = "auto"
+    policy: Literal["auto", "mlp", "cnn", "gru"] = "auto"
     """Built-in network: 'mlp', 'cnn' (Nature-CNN-like, uint8 images scaled by 1/255, then an
-    MLP of hidden_sizes) or 'auto' (cnn for (H, W, C) uint8 image observations, else mlp;
-    Dict/Tuple observations are flattened and concatenated). Recurrent policies: not yet."""
+    MLP of hidden_sizes), 'gru' (recurrent: an MLP encoder of hidden_sizes[:-1], a GRU of width
+    hidden_sizes[-1] reset at episode starts; flat observations; docs/policies.md) or 'auto'
+    (cnn for (H, W, C) uint8 image observations, else mlp; Dict/Tuple observations are
+    flattened and concatenated)."""
+    bptt_length: int = 0
+    """policy gru: steps per training sequence (truncated backpropagation through time; each
+    sequence starts from the state stored in the rollout); 0 = n_steps. Must divide n_steps."""
     hidden_sizes: tuple[int, ...] = (64, 64)
     """Hidden layer widths of the actor and of the critic MLP (after the CNN's features for
     policy cnn); empty = linear."""
@@ -363,11 +368,10 @@ class TRPOConfig:
             )
         if self.env_backend not in BACKENDS:
             raise ValueError(f"env_backend must be one of {BACKENDS} (got {self.env_backend!r})")
-        if self.policy not in ("auto", "mlp", "cnn"):
-            raise ValueError(
-                f"policy must be 'auto', 'mlp' or 'cnn' (got {self.policy!r}); recurrent (GRU) "
-                "policies are not implemented"
-            )
+        if self.policy not in ("auto", "mlp", "cnn", "gru"):
+            raise ValueError(f"policy must be 'auto', 'mlp', 'cnn' or 'gru' (got {self.policy!r})")
+        if self.policy == "gru":
+            self._check_recurrent()
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be 'tanh' or 'relu' (got {self.activation!r})")
         if self.action_masks not in MASK_MODES:
@@ -376,6 +380,20 @@ class TRPOConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64' (got {self.dtype!r})")
         if self.memory_limit_gb is not None:
             _check_real(self, "memory_limit_gb", low=0.0, low_open=True)
+
+    def _check_recurrent(self) -> None:
+        if self.bptt_length and self.n_steps % self.bptt_length:
+            raise ValueError(
+                f"bptt_length ({self.bptt_length}) must divide n_steps ({self.n_steps})"
+            )
+        for bad, why in (
+            (self.actor_factory or self.critic_factory, "actor_factory/critic_factory (the GRU "
+             "is built in; a recurrent module of your own is not supported)"),
+            (self.async_envs and self.env_backend != "gymnasium", "envpool's async collection"),
+            (not self.hidden_sizes, "empty hidden_sizes (the last width is the GRU's)"),
+        ):
+            if bad:
+                raise ValueError(f"policy='gru' does not work with {why}")
 
     # ----------------------------------------------------------------------------------------
     @property

@@ -88,7 +88,9 @@ class SyncedRunningMeanStd(RunningMeanStd):
     """
 
     def __init__(self, base: RunningMeanStd, *, group: Any = None) -> None:
-        super().__init__(base.shape, epsilon=base.epsilon, clip=base.clip, frozen=base.frozen)
+        super().__init__(
+            base.shape, epsilon=base.epsilon, clip=base.clip, frozen=base.frozen, raw=base.raw
+        )
         self.load_state_dict(base.state_dict())
         self.group = group
 

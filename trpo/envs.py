@@ -35,7 +35,7 @@ from gymnasium.wrappers import FlattenObservation
 
 from trpo.envpool_env import EnvPoolVectorEnv, resolve_env_backend
 
-__all__ = ["env_module", "make_env", "make_envs", "resolve_env_id"]
+__all__ = ["FlatNested", "env_module", "make_env", "make_envs", "resolve_env_id"]
 
 _NESTED = (DictSpace, TupleSpace, Discrete, MultiDiscrete)  # Discrete ones become one-hot
 
@@ -82,6 +82,16 @@ def resolve_env_id(env_id: str, *, allow_import: bool = True) -> gym.envs.regist
         ) from None
 
 
+class FlatNested(gym.spaces.Box):
+    """The flattened Box of a Dict/Tuple observation space that remembers it (``nested``), so
+    that the networks can cut image parts back out (:func:`trpo.networks.image_parts`)."""
+
+    def __init__(self, nested: gym.Space):
+        flat = gym.spaces.flatten_space(nested)
+        super().__init__(flat.low, flat.high, dtype=flat.dtype)
+        self.nested = nested
+
+
 class _FlattenNested:
     """Wrapper factory: flatten a Dict/Tuple observation space, record that it did."""
 
@@ -91,7 +101,9 @@ class _FlattenNested:
     def __call__(self, env: gym.Env) -> gym.Env:
         if isinstance(env.observation_space, _NESTED):
             self.flattened.append(env.observation_space)
-            return FlattenObservation(env)
+            flat = FlattenObservation(env)
+            flat.observation_space = FlatNested(env.observation_space)
+            return flat
         return env
 
     def notice(self, env_id: str, flat: gym.Space) -> None:

@@ -35,7 +35,7 @@ from trpo.envs import env_module, make_env
 from trpo.fileio import atomic_writer, read_regular_file
 from trpo.masks import env_mask, mask_source
 from trpo.modules import ModuleActor, check_user_modules
-from trpo.networks import build_actor
+from trpo.networks import build_actor, pixel_mask
 from trpo.normalize import RunningMeanStd
 from trpo.policy import Actor, mode
 from trpo.rollout import env_action_converter
@@ -178,10 +178,11 @@ class _Recorder:
             self.frames.append(np.asarray(frame))
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Episode:
     """One evaluation episode of the deterministic policy (masked where ``source`` says),
-    cut at ``cap`` steps; ``__call__`` returns ``(undiscounted return, cut at the cap?)``."""
+    cut at ``cap`` steps; ``__call__`` returns ``(undiscounted return, cut at the cap?)``.
+    A recurrent actor's state (``hidden``) starts at zeros and runs through the episode."""
 
     env: gym.Env
     env_id: str
@@ -191,6 +192,7 @@ class _Episode:
     source: str | None
     cap: int
     to_env: Callable[[np.ndarray], np.ndarray]
+    hidden: torch.Tensor | None = None
 
     def action(self, obs: Any, info: dict) -> Any:
         param = next(self.actor.parameters())
@@ -198,7 +200,10 @@ class _Episode:
         if self.obs_normalizer is not None:
             x = self.obs_normalizer.normalize(x)
         with torch.inference_mode():
-            dist = self.actor(x.unsqueeze(0))
+            if getattr(self.actor, "recurrent", False):  # the state runs through the episode
+                dist, self.hidden = self.actor.step(x.unsqueeze(0), self.hidden)
+            else:
+                dist = self.actor(x.unsqueeze(0))
             if self.source is not None:
                 mask = env_mask(self.env, info, self.source)
                 dist = mask_logits(dist, torch.as_tensor(mask, device=param.device).unsqueeze(0))
@@ -280,7 +285,8 @@ def load_policy(
     policy.load_state_dict(state["actor"])
     obs_rms = None
     if "obs_rms" in state:
-        obs_rms = RunningMeanStd(obs_shape, clip=config.obs_clip)
+        pixels = pixel_mask(env.observation_space)
+        obs_rms = RunningMeanStd(obs_shape, clip=config.obs_clip, raw=pixels)
         obs_rms.load_state_dict(state["obs_rms"])
         obs_rms.frozen = True
     return policy, obs_rms, config.env_id

@@ -156,7 +156,10 @@ class ModuleActor(nn.Module):
 
     def forward(self, obs: Tensor) -> DistParams:
         """Distribution parameters, structured as :meth:`trpo.policy.Actor.forward`'s."""
-        out = self.net(obs)
+        return self.structure(self.net(obs))
+
+    def structure(self, out: Any) -> DistParams:
+        """The module's output as :meth:`trpo.policy.Actor.forward` returns it."""
         if self.family == "diag_gaussian":
             return (out, self.log_std) if isinstance(out, Tensor) else tuple(out)
         if self.family == "multi_categorical":

@@ -19,6 +19,7 @@ with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -43,6 +44,8 @@ class RunningMeanStd:
         epsilon: Added to the variance in :meth:`normalize`.
         clip: Normalised values are clipped to ``[−clip, clip]`` (``None``: no clipping).
         frozen: If true, :meth:`update` does nothing (evaluation mode); may be set at any time.
+        raw: Optional bool mask of shape ``shape``: those elements pass :meth:`normalize`
+            unchanged and unclipped (the pixels of an image part, which the CNN scales itself).
 
     Attributes:
         count, mean, var: float64 tensors of shapes ``()``, ``shape``, ``shape``.
@@ -55,6 +58,7 @@ class RunningMeanStd:
         epsilon: float = 1e-8,
         clip: float | None = 10.0,
         frozen: bool = False,
+        raw: Tensor | None = None,
     ):
         if epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
@@ -65,6 +69,7 @@ class RunningMeanStd:
         self.count = torch.zeros((), dtype=torch.float64)
         self.mean = torch.zeros(self.shape, dtype=torch.float64)
         self.var = torch.ones(self.shape, dtype=torch.float64)
+        self.raw = raw
         # (mean, 1/std) cast per (dtype, device); cleared whenever the statistics change.
         self._cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
 
@@ -123,26 +128,34 @@ class RunningMeanStd:
             # Built outside inference mode, so that the cached factors are ordinary tensors
             # usable under autograd too (this runs once per env step: cast once, not per call).
             with torch.inference_mode(False):
-                self._cache[key] = (
-                    self.mean.to(dtype=x.dtype, device=x.device),
-                    (1.0 / self.std).to(dtype=x.dtype, device=x.device),
+                self._cache[key] = tuple(
+                    f.to(dtype=x.dtype, device=x.device) for f in self._factors()
                 )
-        mean, inv_std = self._cache[key]
+        mean, inv_std, low, high = self._cache[key]
         out = (x - mean) * inv_std
-        return out.clamp_(-self.clip, self.clip) if self.clip is not None else out
+        return out.clamp_(low, high) if self.clip is not None else out
+
+    def _factors(self) -> tuple[Tensor, ...]:
+        """``(mean, 1/std, low, high)`` of :meth:`normalize` in float64, identity where ``raw``."""
+        mean, inv_std = self.mean, 1.0 / self.std
+        clip = math.inf if self.clip is None else self.clip
+        low, high = (torch.full(self.shape, c, dtype=torch.float64) for c in (-clip, clip))
+        if self.raw is not None:
+            mean, inv_std = mean.masked_fill(self.raw, 0), inv_std.masked_fill(self.raw, 1)
+            low, high = low.masked_fill(self.raw, -math.inf), high.masked_fill(self.raw, math.inf)
+        return mean, inv_std, low, high
 
     def numpy_normalizer(self, dtype: np.dtype | type) -> Callable[[np.ndarray], np.ndarray]:
         """:meth:`normalize` for numpy arrays of ``dtype`` with the *current* statistics
         (identical results for the same dtype); build a new one after an update."""
-        mean = self.mean.numpy().astype(dtype)
-        inv_std = (1.0 / self.std).numpy().astype(dtype)
+        mean, inv_std, low, high = (f.numpy().astype(dtype) for f in self._factors())
         clip = self.clip
 
         def normalize(x: np.ndarray) -> np.ndarray:
             out = (x - mean) * inv_std
             if clip is not None:
                 # maximum/minimum: np.clip's Python-level wrapper costs more than the op.
-                np.minimum(np.maximum(out, -clip, out=out), clip, out=out)
+                np.minimum(np.maximum(out, low, out=out), high, out=out)
             return out
 
         return normalize

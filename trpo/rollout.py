@@ -61,6 +61,7 @@ from trpo.envs import make_envs
 from trpo.masks import env_mask, mask_source, vector_masks
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.policy import Actor, draw_noise, log_prob, sample_from_noise
+from trpo.recurrent import SequenceRecord
 
 __all__ = [
     "Rollout",
@@ -86,6 +87,8 @@ class RolloutState:
         global_step: Env steps taken so far (``N`` per vector step).
         mask_source: Where the action masks come from (:mod:`trpo.masks`), None = no masks.
         masks: ``(N, ΣK)`` bool action masks of the current states (with ``mask_source``).
+        hidden: ``(N, H)`` a recurrent policy's state after the last step (None: zeros).
+        starts: ``(N,)`` bool, whether the current observations start episodes (None: all).
     """
 
     env_id: str
@@ -95,6 +98,8 @@ class RolloutState:
     global_step: int = 0
     mask_source: str | None = None
     masks: np.ndarray | None = None
+    hidden: Tensor | None = None
+    starts: np.ndarray | None = None
 
 
 def init_rollout_state(
@@ -329,11 +334,16 @@ def _env_stepper(
 
 
 def _torch_policy(
-    actor: Actor, noise: Tensor | list[Tensor], normalizer: RunningMeanStd | None, device
+    actor: Actor, noise: Tensor | list[Tensor], normalizer: RunningMeanStd | None, device,
+    policy: Callable[[int, Tensor], Any] | None = None,
 ) -> Callable[..., np.ndarray]:
     """``(t, raw obs (N, ...), masks (N, ΣK) or None, rows or None) -> action (numpy)`` with
-    the torch actor (any device); ``rows`` selects one half's noise in async collection."""
-    policy, family = actor.inference_fn(), actor.family
+    the torch actor (any device); ``rows`` selects one half's noise in async collection.
+    ``policy(t, x)`` gives the distribution parameters (default: the actor on ``x``)."""
+    family = actor.family
+    if policy is None:
+        forward = actor.inference_fn()
+        policy = lambda t, x: forward(x)  # noqa: E731
     normalize = normalizer.normalize if normalizer is not None else None
     cpu = device.type == "cpu"
     # Per-step noise views made once (indexing a list of heads every step costs more).
@@ -347,7 +357,7 @@ def _torch_policy(
             x = x.to(device, non_blocking=True)
         if normalize is not None:
             x = normalize(x)
-        params = policy(x)
+        params = policy(t, x)
         if mask is not None:
             params = mask_logits(params, torch.from_numpy(mask).to(device), check=False)
         eps = steps[t] if rows is None else _rows_of(steps[t], rows)
@@ -510,8 +520,8 @@ def collect_rollout(
     normalize = obs_normalizer.normalize if obs_normalizer is not None else None
     buf = _Buffers.allocate(T, state, _NUMPY_DTYPES[dtype])
     with torch.inference_mode():
-        act = _policy_for_rollout(actor, buf.obs, T, generator, obs_normalizer, device,
-                                  policy_backend)
+        rec, act = _policy_for_rollout(actor, buf, state, generator, obs_normalizer, device,
+                                       policy_backend)
         _run_steps(envs, act, buf, env_id, step0)
 
     # One vectorised check for the whole rollout instead of one per step; the policy
@@ -521,7 +531,7 @@ def collect_rollout(
 
     # ---- after the loop: batched critic / log-prob passes, statistics -----------------
     with torch.no_grad():
-        obs_policy, values, next_values = _critic_pass(critic, buf, normalize, device)
+        obs_policy, values, next_values = _critic_pass(critic, buf, normalize, device, rec)
         actions = torch.from_numpy(buf.act).to(device)
         masks = None if buf.mask is None else torch.from_numpy(buf.mask[:T]).to(device)
         log_probs = _log_probs(actor, obs_policy, actions, masks)
@@ -538,6 +548,8 @@ def collect_rollout(
     state.obs = buf.obs[T].copy()
     if buf.mask is not None:
         state.masks = buf.mask[T].copy()
+    if rec is not None:
+        state.hidden, state.starts = rec.h_out[T - 1].clone(), buf.term[T - 1] | buf.trunc[T - 1]
     state.global_step = step0 + T * N
     return Rollout(
         obs=obs_policy,
@@ -575,6 +587,8 @@ def _check_rollout_args(
             f"state has {state.obs.shape[0]} envs but envs has {envs.num_envs}; use "
             "init_rollout_state"
         )
+    if getattr(actor, "recurrent", False) and len(getattr(envs, "groups", ())) == 2:
+        raise ValueError("a recurrent actor needs every env stepped each step: no async envpool")
     if policy_backend == "numpy" and device.type != "cpu":
         raise ValueError("policy_backend='numpy' needs the actor on the CPU")
     if policy_backend == "numpy" and actor.numpy_inference_fn is None:
@@ -613,20 +627,32 @@ class _Buffers:
 
 
 def _policy_for_rollout(
-    actor: Actor, obs: np.ndarray, T: int, generator: torch.Generator,
+    actor: Actor, buf: _Buffers, state: RolloutState, generator: torch.Generator,
     obs_normalizer: RunningMeanStd | None, device: torch.device, policy_backend: str,
-) -> Callable[..., np.ndarray]:
+) -> tuple[SequenceRecord | None, Callable[..., np.ndarray]]:
     """The per-step ``act`` (numpy or torch, :func:`collect_rollout`'s ``policy_backend``)
-    with the rollout's noise drawn up front: one forward on ``s_0`` gives its shapes."""
+    with the rollout's noise drawn up front: one forward on ``s_0`` gives its shapes. For a
+    recurrent actor also the :class:`~trpo.recurrent.SequenceRecord` its steps fill."""
     normalize = obs_normalizer.normalize if obs_normalizer is not None else None
-    x0 = torch.from_numpy(obs[0]).to(device)
-    probe = actor.inference_fn()(normalize(x0) if normalize is not None else x0)
-    noise = draw_noise(actor.family, probe, generator, batch_shape=(T,))
+    x0 = torch.from_numpy(buf.obs[0]).to(device)
+    x0 = normalize(x0) if normalize is not None else x0
+    T, N = buf.rew.shape
+    if getattr(actor, "recurrent", False):
+        rec = SequenceRecord.start(T, N, actor.hidden_size, state.hidden, state.starts, x0)
+        noise = draw_noise(actor.family, actor.step(x0, None)[0], generator, batch_shape=(T,))
+
+        def step(t: int, x: Tensor) -> Any:
+            done = None if t == 0 else buf.term[t - 1] | buf.trunc[t - 1]
+            params, rec.h_out[t] = actor.step(x, rec.state_in(t, done))
+            return params
+
+        return rec, _torch_policy(actor, noise, obs_normalizer, device, step)
+    noise = draw_noise(actor.family, actor.inference_fn()(x0), generator, batch_shape=(T,))
     if actor.numpy_inference_fn is not None and (
         policy_backend == "numpy" or (policy_backend == "auto" and device.type == "cpu")
     ):
-        return _numpy_policy(actor, noise, obs_normalizer, obs.dtype)
-    return _torch_policy(actor, noise, obs_normalizer, device)
+        return None, _numpy_policy(actor, noise, obs_normalizer, buf.obs.dtype)
+    return None, _torch_policy(actor, noise, obs_normalizer, device)
 
 
 def _run_steps(
@@ -663,12 +689,13 @@ def _run_steps(
 
 def _critic_pass(
     critic: nn.Module, buf: _Buffers, normalize: Callable[[Tensor], Tensor] | None,
-    device: torch.device,
+    device: torch.device, rec: SequenceRecord | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One batched critic forward over every state of the rollout and the true final
     observations: ``(obs the policy saw (T, N, ...), V(s_t) (T, N), V(s'_t) (T, N))``, with
     ``V(s'_t)`` of an ended episode taken at its final observation (bootstrap on truncation;
-    GAE ignores it on termination)."""
+    GAE ignores it on termination). With ``rec`` the observations are packed rows
+    ``[start, h, x]`` (:mod:`trpo.recurrent`)."""
     T, N = buf.rew.shape
     obs_all = torch.from_numpy(buf.obs).to(device)
     flat = obs_all.reshape(-1, *obs_all.shape[2:])
@@ -676,6 +703,8 @@ def _critic_pass(
         fin = np.stack([f for _, _, f in buf.finals]).astype(buf.obs.dtype)
         flat = torch.cat([flat, torch.from_numpy(fin).to(device)])
     x_all = normalize(flat) if normalize is not None else flat
+    if rec is not None:
+        x_all = torch.cat([rec.features([(t, i) for t, i, _ in buf.finals]), x_all], -1)
     v_all = critic(x_all)
     v_grid = v_all[: (T + 1) * N].reshape(T + 1, N)
     values, next_values = v_grid[:T].clone(), v_grid[1:].clone()
@@ -683,7 +712,7 @@ def _critic_pass(
         t_idx = torch.tensor([t for t, _, _ in buf.finals], device=device)
         i_idx = torch.tensor([i for _, i, _ in buf.finals], device=device)
         next_values[t_idx, i_idx] = v_all[(T + 1) * N :]
-    obs_policy = x_all[: T * N].reshape(T, N, *obs_all.shape[2:])
+    obs_policy = x_all[: T * N].reshape(T, N, *x_all.shape[1:])
     if normalize is None:
         obs_policy = obs_policy.clone()  # do not alias the numpy buffer
     return obs_policy, values, next_values

@@ -72,9 +72,10 @@ from trpo.logger import (
 from trpo.masks import check_mask_space
 from trpo.memory import check_memory
 from trpo.modules import check_user_modules
-from trpo.networks import build_actor, build_critic
+from trpo.networks import build_actor, build_critic, pixel_mask
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.policy import Actor, Critic, observation_dim
+from trpo.recurrent import sequence_batch
 from trpo.rollout import Rollout, RolloutState, collect_rollout, init_rollout_state, make_envs
 from trpo.update import PolicyBatch, PolicyStepResult, PolicyStepSettings, policy_step
 
@@ -331,7 +332,7 @@ def _build(
         with torch.no_grad():
             actor.log_std.fill_(config.log_std_init)
     obs_rms = (
-        RunningMeanStd(tuple(obs_space.shape), clip=config.obs_clip)
+        RunningMeanStd(tuple(obs_space.shape), clip=config.obs_clip, raw=pixel_mask(obs_space))
         if config.normalize_obs
         else None
     )
@@ -640,6 +641,12 @@ def _advantages(
     adv = advantages.reshape(-1)
     if config.normalize_advantages:
         adv = normalize_advantages(adv, reducer=dp.reducer)
+    if config.policy == "gru":  # sequences of bptt_length steps (trpo.recurrent)
+        obs, actions, adv, masks, returns = sequence_batch(
+            rollout.obs, config.bptt_length or rollout.n_steps, rollout.actions,
+            adv.reshape(advantages.shape), rollout.action_masks, returns,
+        )
+        return PolicyBatch(obs, actions, adv, masks), returns
     obs = rollout.obs.reshape(rollout.batch_size, *rollout.obs.shape[2:])
     actions = rollout.actions.reshape(rollout.batch_size, *rollout.actions.shape[2:])
     masks = rollout.action_masks
@@ -672,7 +679,7 @@ def _update(
         fit = fit_critic(
             state.critic,
             state.critic_opt,
-            batch.obs,
+            batch.obs.flatten(0, batch.obs.ndim - 2) if config.policy == "gru" else batch.obs,
             returns,
             settings=CriticSettings.from_config(config),
             generator=state.cpu_generator,

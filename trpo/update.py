@@ -329,7 +329,8 @@ def _fisher_states(
     n = obs.shape[0]
     idx = torch.randperm(n, generator=generator, device="cpu")[: max(1, int(round(fraction * n)))]
     idx = idx.to(obs.device)
-    return obs[idx], None if masks is None else masks[idx]
+    # A recurrent batch has L mask rows per sequence (trpo.recurrent): take whole sequences.
+    return obs[idx], None if masks is None else masks.unflatten(0, (n, -1))[idx].flatten(0, 1)
 
 
 def _dist(actor: Actor, params: dict[str, Tensor], obs: Tensor, masks: Tensor | None) -> Any:
