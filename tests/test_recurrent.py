@@ -121,6 +121,11 @@ def test_rollout_stores_the_states_the_policy_acted_with():
         h_last = actor.step(first.obs[-1, :, 7:], first.obs[-1, :, 1:7])[1]
     keep = 1 - second.obs[0, :, :1]
     torch.testing.assert_close(second.obs[0, :, 1:7], h_last * keep, atol=1e-6, rtol=1e-5)
+    # V(s_T) bootstraps the last step from the row the next rollout starts with
+    with torch.no_grad():
+        v_next = critic(second.obs[0])
+    going = ~(first.terminations[-1] | first.truncations[-1])
+    torch.testing.assert_close(first.next_values[-1][going], v_next[going], atol=1e-5, rtol=1e-5)
 
 
 def test_sequence_batch_orders_every_tensor_like_the_actor_rows():

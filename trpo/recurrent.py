@@ -149,28 +149,30 @@ class SequenceRecord:
         h_in: ``(T+1, N, H)`` the state each step starts from (row ``T``: the next rollout's).
         h_out: ``(T, N, H)`` the state after each step.
         starts: ``(T+1, N)`` bool, the episode-start flags.
+        h_prev: ``(N, H)`` the state before step 0 (the previous rollout's last).
     """
 
     h_in: Tensor
     h_out: Tensor
     starts: Tensor
+    h_prev: Tensor
 
     @classmethod
     def start(cls, T: int, N: int, H: int, h: Tensor | None, starts: np.ndarray | None,
               like: Tensor) -> SequenceRecord:
-        rec = cls(like.new_zeros(T + 1, N, H), like.new_zeros(T, N, H),
-                  torch.ones(T + 1, N, dtype=torch.bool, device=like.device))
-        if h is not None:
-            rec.h_out[-1] = h  # read as "the state before step 0" by :meth:`state_in`
+        """An empty record continuing from the state ``h`` and flags ``starts`` (None: zeros,
+        every env starting an episode)."""
+        flags = torch.ones(T + 1, N, dtype=torch.bool, device=like.device)
         if starts is not None:
-            rec.starts[0] = torch.from_numpy(starts)
-        return rec
+            flags[0] = torch.from_numpy(starts)
+        h_prev = like.new_zeros(N, H) if h is None else h
+        return cls(like.new_zeros(T + 1, N, H), like.new_zeros(T, N, H), flags, h_prev)
 
     def state_in(self, t: int, done_before: np.ndarray | None) -> Tensor:
         """``h_in_t = h_{t−1}·(1 − start_t)`` (``done_before``: the flags of step t−1)."""
         if done_before is not None:
             self.starts[t] = torch.from_numpy(done_before)
-        self.h_in[t] = self.h_out[t - 1] * ~self.starts[t, :, None]
+        self.h_in[t] = (self.h_out[t - 1] if t else self.h_prev) * ~self.starts[t, :, None]
         return self.h_in[t]
 
     def features(self, final_rows: Sequence[tuple[int, int]]) -> Tensor:

@@ -523,6 +523,8 @@ def collect_rollout(
         rec, act = _policy_for_rollout(actor, buf, state, generator, obs_normalizer, device,
                                        policy_backend)
         _run_steps(envs, act, buf, env_id, step0)
+        if rec is not None:  # the state s_T is seen with: what V(s_T) and the next rollout use
+            rec.state_in(T, buf.term[T - 1] | buf.trunc[T - 1])
 
     # One vectorised check for the whole rollout instead of one per step; the policy
     # may have acted on a non-finite observation meanwhile, but nothing of this
