@@ -359,7 +359,7 @@ def test_logistic_regression_reaches_scipy_trust_krylov_optimum(seed: int) -> No
     torch.testing.assert_close(res.x, torch.tensor(ref.x), rtol=0, atol=1e-6)
     assert float(res.fun) <= float(f(torch.tensor(ref.x))) + 1e-14
     same_gtol = minimize(f, torch.zeros(d, dtype=F64), method="trust-krylov", gtol=1e-8)
-    assert same_gtol.success and same_gtol.nit <= ref.nit + 2  # measured: 9 vs 9, 9 vs 8
+    assert same_gtol.success and same_gtol.nit <= ref.nit + 2  # measured: 9 vs 9, 8 vs 8
 
 
 def test_minimize_trust_krylov_escapes_saddle_and_reports_counts() -> None:
