@@ -418,11 +418,11 @@ def _gltr(matvec, precond, g: Tensor, radius: float, rtol: float, atol: float, m
             break
         alphas.append(alpha)
         scale = max(scale, abs(alpha))
-        invariant = k == n or rz <= (n * eps * scale) ** 2
+        beta = math.sqrt(abs(rz))
+        invariant = k == n or beta <= n * eps * scale
         if not invariant and rz < 0:
             status = S.INDEFINITE_PRECONDITIONER
             break
-        beta = math.sqrt(max(rz, 0.0))
         scale = max(scale, beta)
         T = _tridiagonal(alphas, betas)
         sol = _solve_small(T, gamma0, radius, 0.0 if invariant else rnorm)
