@@ -1,8 +1,8 @@
 """``natgrad.minimize``: Newton-type minimisation of a scalar function of tensors.
 
 The counterpart of :func:`scipy.optimize.minimize` for ``method="trust-ncg"``,
-``method="trust-krylov"`` and ``method="newton-cg"``, with gradients and Hessian-vector products by autograd (no
-numpy round trip, any device). The result has scipy's fields and meanings (``x, fun,
+``method="trust-krylov"`` and ``method="newton-cg"``, with gradients and Hessian-vector
+products by autograd (no numpy round trip, any device). The result has scipy's fields and meanings (``x, fun,
 grad`` (alias ``jac``), ``nit, nfev, njev, nhev, status, message, success``), so a
 scipy user switches by changing the import and passing tensors.
 
@@ -21,8 +21,8 @@ solved by GLTR (:func:`natgrad.trust_krylov.trust_krylov_solve`, Gould, Lucidi, 
 Toint 1999): Lanczos on ``H`` from ``g`` and the exact solution of the subproblem in the
 Krylov subspace, to ``rtol = min(0.5, ‖g‖)`` (scipy's trust-krylov forcing, quadratic
 convergence; against ``√‖g‖`` it took as many or fewer outer iterations on 7 of the 8 runs
-of ``bench/trust_krylov_counts.py``); it keeps the Lanczos basis (``n × k``) and, like scipy, does not explore past an
-invariant subspace (``explore_invariant=False``).
+of ``bench/trust_krylov_counts.py``); it keeps the Lanczos basis (``n × k``) and, like
+scipy, does not explore past an invariant subspace (``explore_invariant=False``).
 
 **newton-cg** (Nocedal & Wright Alg. 7.1, line-search Newton-CG): ``p`` solves
 ``H p = −g`` by :func:`natgrad.cg.cg_solve` to ``rtol = min(0.5, √‖g‖)``; if CG meets
@@ -66,7 +66,6 @@ __all__ = ["METHODS", "OptimizeError", "OptimizeResult", "OptimizeStatus", "mini
 
 #: The methods of :func:`minimize`.
 METHODS = ("trust-ncg", "trust-krylov", "newton-cg")
-
 
 
 def _superlinear(gnorm: float) -> float:
@@ -244,8 +243,8 @@ def minimize(
         x0: Starting point: a floating tensor (any shape) or a dict of tensors sharing
             one dtype and device. Never modified.
         method: ``"trust-ncg"`` (default; Steihaug's CG), ``"trust-krylov"`` (GLTR:
-            the exact subproblem solution in the Krylov subspace; fewer outer iterations
-            on indefinite problems, stores the Lanczos basis) or ``"newton-cg"``.
+            the exact subproblem solution in the Krylov subspace; usually fewer outer
+            iterations on indefinite problems, stores the Lanczos basis) or ``"newton-cg"``.
         args: Extra positional arguments of ``fun`` (and ``hvp``).
         gtol: Stop when ``‖∇f(x)‖₂ ≤ gtol``; ``≥ 0``.
         maxiter: Iteration limit; default ``200·n`` (as scipy).
