@@ -14,7 +14,8 @@ Methods: scipy ``trust-ncg``, ``trust-krylov`` and ``Newton-CG`` (numpy f, ∇f 
 hand-written ``hessp``), torchmin ``trust-ncg`` and ``newton-cg`` (autograd; ``pip install
 pytorch-minimize``), natgrad ``trust-ncg``, ``trust-krylov`` and ``newton-cg`` (autograd).
 Each row: iterations, Hessian-vector products, median wall time over ``--repeats`` (after
-one warm-up), the final ‖∇f‖ and f − f* (f* from a tight natgrad run). Every method gets the same ``--gtol``.
+one warm-up), the final ‖∇f‖ and f − f* (f* from a tight natgrad run). Every method gets
+the same ``--gtol``.
 
 Usage (the measurement for the issue: one thread, quiet machine)::
 

@@ -2,9 +2,9 @@
 
 The counterpart of :func:`scipy.optimize.minimize` for ``method="trust-ncg"``,
 ``method="trust-krylov"`` and ``method="newton-cg"``, with gradients and Hessian-vector
-products by autograd (no numpy round trip, any device). The result has scipy's fields and meanings (``x, fun,
-grad`` (alias ``jac``), ``nit, nfev, njev, nhev, status, message, success``), so a
-scipy user switches by changing the import and passing tensors.
+products by autograd (no numpy round trip, any device). The result has scipy's fields and
+meanings (``x, fun, grad`` (alias ``jac``), ``nit, nfev, njev, nhev, status, message,
+success``), so a scipy user switches by changing the import and passing tensors.
 
 **trust-ncg** (Nocedal & Wright, *Numerical Optimization*, Alg. 4.1 with the subproblem
 solved by Steihaug's CG, Alg. 7.2, i.e. scipy's ``trust-ncg``): at ``x_k`` with
