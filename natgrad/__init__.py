@@ -11,7 +11,10 @@
 * :mod:`natgrad.backtracking`: :func:`line_search`.
 * :mod:`natgrad.distributed`: all-reduce wrappers for data parallelism (no-ops single-process).
 * :mod:`natgrad.steihaug`: :func:`steihaug_solve` (trust-region subproblem) -> :class:`SteihaugResult`.
-* :mod:`natgrad.minimize`: :func:`minimize` (trust-ncg, newton-cg) -> :class:`OptimizeResult`.
+* :mod:`natgrad.trust_krylov`: :func:`trust_krylov_solve` (GLTR, the same subproblem by Lanczos)
+  -> :class:`TrustKrylovResult`.
+* :mod:`natgrad.minimize`: :func:`minimize` (trust-ncg, trust-krylov, newton-cg) ->
+  :class:`OptimizeResult`.
 * :mod:`natgrad.optim`: ``torch.optim`` optimizers HessianFree, NaturalGradient, TrustRegionNewton.
 * :mod:`natgrad.spectral`: Lanczos eigenpairs, SLQ spectral density, Hutchinson/Hutch++ trace.
 
@@ -36,6 +39,12 @@ from natgrad.minimize import OptimizeError, OptimizeResult, OptimizeStatus, mini
 from natgrad.params import ParamSpace, flat_grad
 from natgrad.status import ResultStatus, SolverError, Status
 from natgrad.steihaug import SteihaugError, SteihaugResult, SteihaugStatus, steihaug_solve
+from natgrad.trust_krylov import (
+    TrustKrylovError,
+    TrustKrylovResult,
+    TrustKrylovStatus,
+    trust_krylov_solve,
+)
 from natgrad.trust_region import NaturalStep, StepStatus, natural_step
 
 __version__ = "0.1.0"
@@ -75,8 +84,12 @@ __all__ = [
     "SteihaugError",
     "SteihaugResult",
     "SteihaugStatus",
+    "TrustKrylovError",
+    "TrustKrylovResult",
+    "TrustKrylovStatus",
     "minimize",
     "optim",
     "spectral",
     "steihaug_solve",
+    "trust_krylov_solve",
 ]
