@@ -126,7 +126,10 @@ def test_chained_rosenbrock_matches_scipy_iterations() -> None:
         return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
 
     res = minimize(rosen, torch.tensor(x0), gtol=1e-4)  # scipy's default gtol
-    assert res.success and res.nit <= ref.nit
+    # The chained function's ~170 iterations wander through a curved valley, and their count
+    # moves with the rounding of the machine's BLAS (≤ 172 on one machine, 175 on another,
+    # scipy 172 on both): within 5 % of scipy here; the extended function above is exact.
+    assert res.success and res.nit <= 1.05 * ref.nit
     torch.testing.assert_close(res.x, torch.tensor(ref.x), rtol=0, atol=1e-4)
 
 
