@@ -23,7 +23,10 @@ Usage (the table of docs/policies.md)::
 Compatibility: gymnasium-robotics 1.4.2 asserts ``joint_type in (mjJNT_HINGE, mjJNT_SLIDE)``,
 which is False under mujoco 4 (its enums no longer compare equal to numpy ints from the
 left), so every Fetch env fails in ``reset``; :func:`patch_robotics` rewrites those asserts
-to compare ``int(joint_type)`` (a no-op on versions without them).
+to compare ``int(joint_type)`` (a no-op on versions without them). Importing this module
+applies it, so the CLI can train through it (``module:Env-v0`` ids import the module)::
+
+    PYTHONPATH=bench python -m trpo.run --env fetch_reach:FetchReachDense-v4
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def patch_robotics() -> None:
     if old in src:
         code = compile(src.replace(old, "assert int(joint_type) in ("), mu.__file__, "exec")
         exec(code, mu.__dict__)  # redefines the module's functions in place
+
+
+patch_robotics()  # at import: see the module docstring
 
 
 def evaluate(act: Callable[[dict], np.ndarray], episodes: int) -> tuple[float, float]:
@@ -130,7 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs-root", default=tempfile.mkdtemp(prefix="fetch_reach_"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    patch_robotics()
 
     rows: list[tuple[str, Any, float, float]] = []
     space = gym.make(ENV_ID).action_space
