@@ -109,7 +109,10 @@ def _small_image_cnn():
             super().__init__(observation_space, features_dim)
             c = observation_space.shape[0]
             self.cnn = nn.Sequential(
-                nn.Conv2d(c, 16, 3, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 1), nn.ReLU(),
+                nn.Conv2d(c, 16, 3, 1),
+                nn.ReLU(),
+                nn.Conv2d(16, 32, 3, 1),
+                nn.ReLU(),
                 nn.Flatten(),
             )
             with torch.no_grad():
@@ -168,8 +171,11 @@ def run_sb3(env_id: str, s: dict[str, Any], seed: int, steps: int, episodes: int
     )
     params = sum(p.numel() for p in model.policy.parameters())
     return dict(
-        steps=int(model.num_timesteps), wall_s=wall, eval_returns=returns,
-        train_return=_mean(train_returns), params=params,
+        steps=int(model.num_timesteps),
+        wall_s=wall,
+        eval_returns=returns,
+        train_return=_mean(train_returns),
+        params=params,
     )
 
 
@@ -184,9 +190,18 @@ def run_ours(env_id: str, s: dict[str, Any], seed: int, steps: int, episodes: in
     fields = dict(s, hidden_sizes=tuple(s["hidden_sizes"]))
     with tempfile.TemporaryDirectory() as runs_root:
         config = TRPOConfig(
-            env_id=env_id, total_steps=steps, seed=seed, policy="auto", torch_threads=1,
-            eval_episodes=0, plot=False, tensorboard=False, progress=False,
-            checkpoint_every=10**9, runs_root=runs_root, **fields,
+            env_id=env_id,
+            total_steps=steps,
+            seed=seed,
+            policy="auto",
+            torch_threads=1,
+            eval_episodes=0,
+            plot=False,
+            tensorboard=False,
+            progress=False,
+            checkpoint_every=10**9,
+            runs_root=runs_root,
+            **fields,
         )
         t0 = time.perf_counter()
         result = train(config)
@@ -206,8 +221,11 @@ def run_ours(env_id: str, s: dict[str, Any], seed: int, steps: int, episodes: in
         p.numel() for p in result.critic.parameters()
     )
     return dict(
-        steps=int(result.global_step), wall_s=wall, eval_returns=returns,
-        train_return=_mean(train_returns[-3:]), params=params,
+        steps=int(result.global_step),
+        wall_s=wall,
+        eval_returns=returns,
+        train_return=_mean(train_returns[-3:]),
+        params=params,
     )
 
 
@@ -232,16 +250,27 @@ def worker(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- driver
 def _run(side: str, env_id: str, settings: dict, seed: int, args) -> dict:
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker", side, "--env", env_id,
-        "--seed", str(seed), "--steps", str(args.steps), "--eval-episodes",
-        str(args.eval_episodes), "--settings", json.dumps(settings),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        side,
+        "--env",
+        env_id,
+        "--seed",
+        str(seed),
+        "--steps",
+        str(args.steps),
+        "--eval-episodes",
+        str(args.eval_episodes),
+        "--settings",
+        json.dumps(settings),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise RuntimeError(
         f"{side} on {env_id} seed {seed} failed (exit {proc.returncode}):\n"
         f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -328,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
                 m = sum(r["eval_returns"]) / len(r["eval_returns"])
                 print(
                     f"{game} seed {seed} {side}: eval {m:.2f}, train {r['train_return']:.2f}, "
-                    f"wall {r['wall_s']:.0f} s, {r['params']} params", flush=True,
+                    f"wall {r['wall_s']:.0f} s, {r['params']} params",
+                    flush=True,
                 )
     print()
     print(_table(rows, args.games, args.seeds))
