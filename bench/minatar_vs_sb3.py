@@ -349,15 +349,18 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(old[-1])
                     print(f"{game} seed {seed} {side}: reused from {args.out}", flush=True)
                     continue
+                load = os.getloadavg()[0]
                 r = _run(side, f"MinAtarImg/{game}-v1", settings, seed, args)
-                r.update(key)
+                r["steps_done"] = r.pop("steps")  # the last update overshoots --steps
+                r.update(key, load=[load, os.getloadavg()[0]])
                 with args.out.open("a") as f:
                     f.write(json.dumps(r) + "\n")
                 rows.append(r)
                 m = sum(r["eval_returns"]) / len(r["eval_returns"])
                 print(
                     f"{game} seed {seed} {side}: eval {m:.2f}, train {r['train_return']:.2f}, "
-                    f"wall {r['wall_s']:.0f} s, {r['params']} params",
+                    f"wall {r['wall_s']:.0f} s, {r['params']} params, 1-min load {load:.1f} → "
+                    f"{r['load'][1]:.1f}",
                     flush=True,
                 )
     print()
