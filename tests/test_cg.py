@@ -450,7 +450,9 @@ def test_batched_columns_equal_separate_solves(rtol: float) -> None:
     for j in range(4):
         one = cg_solve(A, B[:, j].clone(), **kw)
         torch.testing.assert_close(block.x[:, j], one.x, rtol=1e-8, atol=1e-10)
-        assert int(block.iterations[j]) == int(one.iterations)
+        # At rtol = 0 the stop is the rounding floor ‖r‖ ≤ ε‖b‖, which the block's matmul and
+        # the single matvec (different summation orders) may reach one iteration apart.
+        assert abs(int(block.iterations[j]) - int(one.iterations)) <= (0 if rtol else 1)
         assert block.statuses[j] is one.status
     assert block.statuses[2] is CGStatus.CONVERGED and int(block.iterations[2]) == 0
     if rtol > 0:
