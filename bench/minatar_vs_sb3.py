@@ -156,13 +156,27 @@ def sb3_kwargs(s: dict[str, Any]) -> dict[str, Any]:
 def run_sb3(env_id: str, s: dict[str, Any], seed: int, steps: int, episodes: int) -> dict:
     import numpy as np
     from sb3_contrib import TRPO
+    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv
+
+    curve: list[list[float]] = []
+
+    class Curve(BaseCallback):
+        """(steps, seconds since the start, mean return of the last 20 episodes) per update."""
+
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            eps = [float(ep["r"]) for ep in self.model.ep_info_buffer][-20:]
+            if eps:
+                curve.append([self.num_timesteps, time.perf_counter() - t0, _mean(eps)])
 
     t0 = time.perf_counter()
     env = make_vec_env(env_id, n_envs=s["n_envs"], seed=seed, vec_env_cls=DummyVecEnv)
     model = TRPO("CnnPolicy", env, seed=seed, device="cpu", verbose=0, **sb3_kwargs(s))
-    model.learn(total_timesteps=steps)
+    model.learn(total_timesteps=steps, callback=Curve())
     wall = time.perf_counter() - t0
     train_returns = [float(ep["r"]) for ep in model.ep_info_buffer][-20:]
     env.close()
@@ -176,6 +190,7 @@ def run_sb3(env_id: str, s: dict[str, Any], seed: int, steps: int, episodes: int
         eval_returns=returns,
         train_return=_mean(train_returns),
         params=params,
+        curve=curve,
     )
 
 
@@ -217,6 +232,7 @@ def run_ours(env_id: str, s: dict[str, Any], seed: int, steps: int, episodes: in
 
     returns = _evaluate(act, env_id, episodes)
     train_returns = [x for x in result.metrics.get("charts/episode_return", []) if x == x]
+    curve = _our_curve(result.metrics, wall)
     params = sum(p.numel() for p in actor.parameters()) + sum(
         p.numel() for p in result.critic.parameters()
     )
@@ -226,7 +242,24 @@ def run_ours(env_id: str, s: dict[str, Any], seed: int, steps: int, episodes: in
         eval_returns=returns,
         train_return=_mean(train_returns[-3:]),
         params=params,
+        curve=curve,
     )
+
+
+def _our_curve(m: dict[str, list], wall: float) -> list[list[float]]:
+    """(steps, seconds, mean training return of the last 5 updates with episodes) per update;
+    seconds = the cumulative rollout + update time, rescaled so that the last point is the
+    whole timed call (the metrics do not time set-up and logging)."""
+    busy, total, seen, out = [], 0.0, [], []
+    for r, u in zip(m["time/rollout_seconds"], m["time/update_seconds"]):
+        total += float(r) + float(u)
+        busy.append(total)
+    for step, t, ret in zip(m["global_step"], busy, m["charts/episode_return"]):
+        if ret is not None and ret == ret:
+            seen.append(float(ret))
+        if seen:
+            out.append([int(step), t * wall / total, _mean(seen[-5:])])
+    return out
 
 
 def _mean(xs: list[float]) -> float:
@@ -307,6 +340,30 @@ def _table(rows: list[dict], games: list[str], seeds: list[int]) -> str:
     return "\n".join(out)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Training return against env steps and against wall seconds, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    games = sorted({r["game"] for r in rows})
+    fig, axes = plt.subplots(len(games), 2, figsize=(10, 3.6 * len(games)), squeeze=False)
+    for (ax_steps, ax_wall), game in zip(axes, games):
+        for r in (r for r in rows if r["game"] == game and r.get("curve")):
+            c = list(zip(*r["curve"]))
+            style = dict(color="C0" if r["side"] == "ours" else "C1", alpha=0.8,
+                         label=f"{'ours' if r['side'] == 'ours' else 'SB3'} seed {r['seed']}")
+            ax_steps.plot(c[0], c[2], **style)
+            ax_wall.plot(c[1], c[2], **style)
+        for ax, x in ((ax_steps, "env steps"), (ax_wall, "wall seconds")):
+            ax.set(xlabel=x, ylabel="training return", title=f"MinAtar {game}")
+            ax.grid(alpha=0.3)
+        ax_steps.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--games", nargs="+", default=["Breakout"])
@@ -324,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--critic-minibatch-size", type=int, default=128)
     p.add_argument("--hidden-sizes", nargs="*", type=int, default=[64, 64])
     p.add_argument("--out", type=Path, default=Path("/tmp/minatar_vs_sb3.jsonl"))
+    p.add_argument("--plot", type=Path, default=None, help="PNG of the learning curves")
     # worker mode (internal)
     p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
     p.add_argument("--env", help=argparse.SUPPRESS)
@@ -365,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
     print()
     print(_table(rows, args.games, args.seeds))
+    if args.plot is not None:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":
