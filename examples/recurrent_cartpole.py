@@ -1,6 +1,7 @@
 """Recurrent TRPO on a partially observed CartPole (docs/policies.md): GRU against MLP.
 
-    python examples/recurrent_cartpole.py --total-steps 500000 --seeds 1 2 3
+    python examples/recurrent_cartpole.py --total-steps 500000 --seeds 1 2 3 \
+        --plot docs/img/cartpole_novel.png
 
 ``CartPoleNoVel-v1`` is CartPole-v1 with the two velocities removed from the observation
 (cart position and pole angle only), as rl-zoo3 registers it: a memoryless policy cannot
@@ -64,12 +65,32 @@ def _smooth(returns: list) -> np.ndarray:
     return np.array([np.nanmean(r[max(0, i - 4) : i + 1]) for i in range(len(r))])
 
 
+def plot(runs: dict[str, list[dict]], seeds: list[int], path: str) -> None:
+    """Training return (mean of 5 updates) against env steps, one line per policy and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, (policy, per_seed) in enumerate(runs.items()):
+        for seed, r in zip(seeds, per_seed):
+            ax.plot(r["steps"], _smooth(r["returns"]), color=f"C{k}", alpha=0.8,
+                    label=f"{policy} seed {seed}")
+    ax.set(xlabel="env steps", ylabel="training return", title=ENV_ID)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--total-steps", type=int, default=500_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--policies", nargs="+", default=["gru", "mlp"])
     parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--plot", default=None, help="PNG of the learning curves")
     args = parser.parse_args(argv)
     runs = {p: [run(p, s, args.total_steps, args.runs_root) for s in args.seeds]
             for p in args.policies}
@@ -81,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             hit = np.flatnonzero(smooth >= 450)
             at = f"step {r['steps'][hit[0]]:,}" if hit.size else "not reached"
             print(f"| {policy} | {seed} | {r['eval']:.1f} | {np.nanmax(smooth):.1f} | {at} |")
+    if args.plot:
+        plot(runs, args.seeds, args.plot)
     return runs
 
 
