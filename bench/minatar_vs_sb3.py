@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.compare_sb3 import sb3_kwargs as mlp_sb3_kwargs
+
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_SEED = 10_000
 
@@ -126,31 +128,21 @@ def _small_image_cnn():
 
 
 def sb3_kwargs(s: dict[str, Any]) -> dict[str, Any]:
-    """sb3-contrib ``TRPO("CnnPolicy", ...)`` keyword arguments for shared settings ``s``."""
+    """sb3-contrib ``TRPO("CnnPolicy", ...)`` keyword arguments for shared settings ``s``: the
+    mapping of :func:`bench.compare_sb3.sb3_kwargs`, with the small-image CNN as features
+    extractor (actor and critic each their own, as ours)."""
     from torch import nn
 
-    return dict(
-        learning_rate=s["critic_lr"],
-        n_steps=s["n_steps"],
-        batch_size=s["critic_minibatch_size"],
-        gamma=s["gamma"],
-        cg_max_steps=s["cg_iters"],
-        cg_damping=s["cg_damping"],
-        line_search_shrinking_factor=s["line_search_shrink"],
-        line_search_max_iter=s["line_search_max_tries"],
-        n_critic_updates=s["critic_epochs"],
-        gae_lambda=s["gae_lambda"],
-        normalize_advantage=s["normalize_advantages"],
-        target_kl=s["max_kl"],
-        policy_kwargs=dict(
-            features_extractor_class=_small_image_cnn(),
-            features_extractor_kwargs=dict(features_dim=128),
-            share_features_extractor=False,
-            net_arch=dict(pi=list(s["hidden_sizes"]), vf=list(s["hidden_sizes"])),
-            activation_fn=nn.Tanh,
-            normalize_images=True,
-        ),
+    kwargs = mlp_sb3_kwargs({**s, "fvp_fraction": 1.0, "log_std_init": 0.0})
+    kwargs["policy_kwargs"] = dict(
+        features_extractor_class=_small_image_cnn(),
+        features_extractor_kwargs=dict(features_dim=128),
+        share_features_extractor=False,
+        net_arch=dict(pi=list(s["hidden_sizes"]), vf=list(s["hidden_sizes"])),
+        activation_fn=nn.Tanh,
+        normalize_images=True,
     )
+    return kwargs
 
 
 def run_sb3(env_id: str, s: dict[str, Any], seed: int, steps: int, episodes: int) -> dict:

@@ -1,6 +1,6 @@
 """Action masking on Taxi-v4 (docs/policies.md): the same run with and without masks.
 
-    python examples/masked_taxi.py --total-steps 100000 --seeds 1 2 3
+    python examples/masked_taxi.py --total-steps 100000 --seeds 1 2 3 --plot docs/img/taxi_masks.png
 
 Taxi's ``info["action_mask"]`` marks the moves into walls and the illegal pick-ups and
 drop-offs (-10 each) as invalid; with ``action_masks="auto"`` (the default) the policy never
@@ -35,11 +35,31 @@ def _smooth(returns: list) -> np.ndarray:
     return np.array([np.nanmean(r[max(0, i - 4) : i + 1]) for i in range(len(r))])
 
 
+def plot(runs: dict[str, list[tuple[list, list]]], seeds: list[int], path: str) -> None:
+    """Training return (mean of 5 updates) against env steps, one line per setting and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, (mode, per_seed) in enumerate(runs.items()):
+        for seed, (steps, returns) in zip(seeds, per_seed):
+            ax.plot(steps, _smooth(returns), color=f"C{k}", alpha=0.8,
+                    label=f"masks {mode}, seed {seed}")
+    ax.set(xlabel="env steps", ylabel="training return", title="Taxi-v4")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[tuple[list, list]]]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--total-steps", type=int, default=100_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--plot", default=None, help="PNG of the learning curves")
     args = parser.parse_args(argv)
     runs = {
         mode: [run(mode, s, args.total_steps, args.runs_root) for s in args.seeds]
@@ -57,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[list, list]]]:
                 hit = np.flatnonzero(r >= target)
                 reach = f"step {steps[hit[0]]}" if hit.size else "not reached"
             print(f"| {mode} | {seed} | " + " | ".join(f"{x:.1f}" for x in at) + f" | {reach} |")
+    if args.plot:
+        plot(runs, args.seeds, args.plot)
     return runs
 
 

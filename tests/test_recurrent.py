@@ -174,3 +174,10 @@ def test_gru_learns_the_cartpole_without_velocities_and_evaluation_rebuilds_it(t
     assert isinstance(actor, GRUActor) and env_id == config.env_id
     torch.testing.assert_close(actor.state_dict(), result.actor.state_dict())
     assert np.mean(evaluate_policy(actor, env_id, episodes=2)) > 50
+
+
+def test_the_example_runs_and_plots(tmp_path, example):
+    png = tmp_path / "curves.png"
+    runs = example.main(["--total-steps", "4096", "--runs-root", str(tmp_path), "--plot", str(png)])
+    assert set(runs) == {"gru", "mlp"} and png.stat().st_size > 0
+    assert all(np.isfinite(r["eval"]) for per_seed in runs.values() for r in per_seed)
