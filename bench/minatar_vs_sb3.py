@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.compare_sb3 import _evaluate as evaluate_episodes
 from bench.compare_sb3 import sb3_kwargs as mlp_sb3_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,23 +77,9 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- workers
 def _evaluate(act, env_id: str, episodes: int) -> list[float]:
-    """Returns of ``episodes`` episodes of ``act`` (obs -> action), reset with EVAL_SEED + i."""
-    import gymnasium as gym
-
-    env = gym.make(env_id)
-    returns = []
-    try:
-        for i in range(episodes):
-            obs, _ = env.reset(seed=EVAL_SEED + i)
-            done, total = False, 0.0
-            while not done:
-                obs, r, terminated, truncated, _ = env.step(act(obs))
-                total += float(r)
-                done = bool(terminated or truncated)
-            returns.append(total)
-    finally:
-        env.close()
-    return returns
+    """Returns of ``episodes`` episodes of ``act`` (obs -> action), reset with EVAL_SEED + i
+    (bench/compare_sb3.py's loop)."""
+    return evaluate_episodes(act, env_id, episodes, EVAL_SEED)
 
 
 def _small_image_cnn():
