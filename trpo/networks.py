@@ -62,10 +62,12 @@ def _image_encoder(shape: Sequence[int]) -> tuple[list[nn.Module], int]:
 
 
 def _mlp_head(width: int, hidden: Sequence[int], activation: str, out: int) -> list[nn.Module]:
-    act, layers = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation], []
-    for a, b in zip([width, *hidden], hidden):
+    """The MLP of ``hidden`` widths with ``activation`` after ``width`` features, then the
+    output layer."""
+    act, sizes, layers = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation], [width, *hidden], []
+    for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), act()]
-    return [*layers, nn.Linear(([width, *hidden])[-1], out)]
+    return [*layers, nn.Linear(sizes[-1], out)]
 
 
 class NatureCNN(nn.Sequential):
