@@ -59,6 +59,7 @@ from torch import Tensor
 
 from natgrad.cg import _check_tolerance
 from natgrad.cg_loops import _allfinite, _dot
+from natgrad.krylov_basis import KrylovBasis
 from natgrad.matvec import as_matvec
 from natgrad.status import ResultStatus, SolverError, Status
 
@@ -204,6 +205,7 @@ def steihaug_solve(
     maxiter: int | None = None,
     M: Any = None,
     check_finite: bool = True,
+    reorthogonalize: bool = False,
 ) -> SteihaugResult:
     """Approximately minimise ``gᵀp + ½pᵀAp`` subject to ``‖p‖_M ≤ radius``.
 
@@ -234,13 +236,20 @@ def steihaug_solve(
         check_finite: Raise ``ValueError`` if ``g`` holds NaN/inf or ``radius`` is not
             finite and positive (host syncs before the loop); with ``False`` such input
             (``g``) gives ``NON_FINITE`` instead.
+        reorthogonalize: Project every new residual out of the previous ones
+            (:class:`natgrad.krylov_basis.KrylovBasis`; ``M⁻¹``-orthogonality with a
+            preconditioner). The iterates are those of exact arithmetic: on a badly
+            conditioned ``A`` CG then needs at most ``n`` products where plain CG may need
+            many times that. Costs ``n × iterations`` stored values and ``O(n)`` flops per
+            stored vector per iteration; one vector ``g`` in tolerance mode only.
 
     Returns:
         A :class:`SteihaugResult`.
 
     Raises:
         ValueError: ``g`` not 1-D/2-D floating; bad ``radius``, ``rtol``, ``atol`` or
-            ``maxiter``; shape/dtype/device mismatch of ``A`` or ``M``; non-finite ``g``.
+            ``maxiter``; shape/dtype/device mismatch of ``A`` or ``M``; non-finite ``g``;
+            ``reorthogonalize`` with a block ``g`` or in fixed-iteration mode.
         TypeError: ``A`` or ``M`` is of an unsupported kind.
     """
     if not isinstance(g, Tensor) or g.ndim not in (1, 2) or not g.dtype.is_floating_point:
@@ -264,7 +273,10 @@ def steihaug_solve(
     matvec = as_matvec(A, g, "A")
     precond = None if M is None else as_matvec(M, g, "M")
     if g.ndim == 1 and (rtol > 0.0 or atol > 0.0):
-        return _host_loop(matvec, precond, g, rad, rtol, atol, maxiter)
+        basis = KrylovBasis(g, maxiter + 1, precond is not None) if reorthogonalize else None
+        return _host_loop(matvec, precond, g, rad, rtol, atol, maxiter, basis)
+    if reorthogonalize:
+        raise ValueError("reorthogonalize needs one vector g of shape (n,) and rtol or atol > 0")
     return _tensor_loop(matvec, precond, g, rad, rtol, atol, maxiter)
 
 
@@ -278,14 +290,23 @@ def _npc_tau(tau_lo: Tensor, tau_hi: Tensor, dr: Tensor, dq: Tensor) -> Tensor:
     return torch.where(m_lo < m_hi, tau_lo, tau_hi)
 
 
-def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter) -> SteihaugResult:
+def _append_scaled(basis: KrylovBasis, z: Tensor, r: Tensor, rz: float) -> None:
+    """Add the residual as ``q = z/√(rᵀz)``, ``Mq = r/√(rᵀz)`` (one vector without ``M``)."""
+    scale = 1.0 / math.sqrt(rz)
+    q = z * scale
+    basis.append(q, r * scale if basis.preconditioned else q)
+
+
+def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter,
+               basis: KrylovBasis | None) -> SteihaugResult:
     """One vector in tolerance mode: the scalars live on the host as Python floats.
 
     Tolerance mode synchronises every iteration anyway, so reading ``dᵀq``, ``‖r‖`` and
     ``rᵀz`` as floats costs nothing extra and replaces the ~40 small masked kernels per
     iteration of :func:`_tensor_loop` by five vector kernels (``dᵀq``, two axpys, ``rᵀr``,
     the new direction) and two reads: the per-iteration overhead decides the speed of small
-    problems. Same iteration, same results.
+    problems. Same iteration, same results. With a ``basis``, the residuals are
+    reorthogonalised against it (``steihaug_solve(reorthogonalize=True)``).
     """
     S = SteihaugStatus
     rad2 = float(rad) ** 2
@@ -304,6 +325,8 @@ def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter) -> 
         status = S.CONVERGED if precond is None else S.INDEFINITE_PRECONDITIONER
     else:
         status = S.MAX_ITERATIONS
+    if basis is not None and status is S.MAX_ITERATIONS:
+        _append_scaled(basis, z, r, rz)
     while status is S.MAX_ITERATIONS and matvecs < maxiter:
         q = matvec(d)
         matvecs += 1
@@ -322,6 +345,8 @@ def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter) -> 
         else:
             # Fused axpys (one kernel each): the per-iteration overhead decides small problems.
             p_next, r_next = torch.add(p, d, alpha=alpha), torch.sub(r, q, alpha=alpha)
+            if basis is not None:
+                r_next = basis.project_out(r_next)
             rr = float(torch.dot(r_next, r_next))  # ‖r‖² (and rᵀz without M): one kernel
             if not math.isfinite(rr):
                 status = S.NON_FINITE
@@ -340,6 +365,8 @@ def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter) -> 
                 beta = rz_next / rz
                 pmd, dmd = beta * (pmd + alpha * dmd), rz_next + beta * beta * dmd
                 d, rz = torch.add(z, d, alpha=beta), rz_next
+                if basis is not None:
+                    _append_scaled(basis, z, r, rz)
     return _result(g, p, r, pmp, rad, tol, iterations, matvecs, maxiter, S.code(status))
 
 

@@ -18,7 +18,12 @@ small problem ::
 
     min_y  ½ yᵀT_k y + ‖g‖_{M⁻¹} e_1ᵀy    subject to   ‖y‖ ≤ Δ
 
-is solved exactly (:func:`tridiagonal_subproblem`: Moré–Sorensen on the eigendecomposition
+is solved exactly, in two phases as in GLTR. While ``T_k ≻ 0`` and the interior solution
+``y = −‖g‖_{M⁻¹}T_k⁻¹e_1`` lies inside the region (CG's iterate, in the Lanczos basis), its
+norm and last component follow from an ``LDLᵀ`` factorisation of ``T_k`` updated by scalars
+(:class:`_InteriorPhase`, O(1) per step). From the first step where it leaves the region
+or ``T_k`` is not positive definite on, the small problem is solved in full
+(:func:`tridiagonal_subproblem`: Moré–Sorensen on the eigendecomposition
 ``T_k = S diag(θ) Sᵀ`` by :func:`torch.linalg.eigh`, ``y(λ) = −(T_k + λI)⁻¹‖g‖e_1``, ``λ ≥
 max(0, −θ_min)`` the root of ``‖y(λ)‖ = Δ`` or ``0`` for an interior solution, hard case
 included). Since ``g + (A + λM)p = r_{k+1} e_kᵀy``, the stopping rule is ::
@@ -43,9 +48,10 @@ when the new block's lowest Ritz value has converged (Ritz residual ``≤ max(rt
 
 Cost and memory: one operator product and one ``M⁻¹`` application per step; the basis
 ``Q_k`` (and ``MQ_k`` with a preconditioner) is kept, ``n × k`` (×2) of ``g``'s dtype on
-its device; full reorthogonalisation against it (twice, ``O(nk)`` per step); one
-``eigh`` of ``T_k`` per step on the host (``O(k³)``, fine for ``k`` up to a few hundred);
-one host synchronisation per step. ``g`` is one vector (no block of columns).
+its device; full reorthogonalisation against it (twice, ``O(nk)`` per step); in the
+second phase one ``eigh`` of ``T_k`` per step on the host (``O(k³)``, fine for ``k`` up to
+a few hundred), none in the first; one host synchronisation per step. ``g`` is one vector
+(no block of columns).
 
 Example:
     >>> import torch
@@ -69,6 +75,7 @@ import torch
 from torch import Tensor
 
 from natgrad.cg import _check_tolerance
+from natgrad.krylov_basis import KrylovBasis
 from natgrad.matvec import as_matvec
 from natgrad.status import ResultStatus, SolverError, Status
 from natgrad.steihaug import _radius_tensor
@@ -231,45 +238,6 @@ def tridiagonal_subproblem(T: Tensor, gnorm: float, radius: float) -> tuple[Tens
     return S @ (-c / (theta + lam)), lam, False
 
 
-class _Basis:
-    """The Lanczos vectors ``Q`` (``n × k``) and ``V = MQ`` (``Q`` itself without ``M``).
-
-    Storage grows by doubling up to ``capacity`` columns, so a solve that converges in a
-    few steps never allocates ``n × maxiter``.
-    """
-
-    def __init__(self, like: Tensor, capacity: int, preconditioned: bool) -> None:
-        self.capacity, self.k = capacity, 0
-        self.preconditioned = preconditioned
-        size = min(capacity, 16)
-        self.Q = like.new_empty(like.shape[0], size)
-        self.V = like.new_empty(like.shape[0], size) if preconditioned else self.Q
-
-    def append(self, q: Tensor, v: Tensor) -> None:
-        if self.k == self.Q.shape[1]:
-            size = min(2 * self.k, self.capacity)
-            grow = self.Q.new_empty(self.Q.shape[0], size - self.k)
-            self.Q = torch.cat([self.Q, grow], dim=1)
-            self.V = torch.cat([self.V, torch.empty_like(grow)], dim=1) if (
-                self.preconditioned) else self.Q
-        self.Q[:, self.k] = q
-        if self.preconditioned:
-            self.V[:, self.k] = v
-        self.k += 1
-
-    def project_out(self, r: Tensor) -> Tensor:
-        """``r − V Qᵀr`` twice ("twice is enough"): then ``Qᵀr = 0``, ``M⁻¹r ⟂_M Q``."""
-        Q, V = self.Q[:, : self.k], self.V[:, : self.k]
-        for _ in range(2):
-            r = r - V @ (Q.T @ r)
-        return r
-
-    def combine(self, y: Tensor) -> Tensor:
-        """``p = Q y`` for ``y`` (float64, host) of length ``≤ k``."""
-        Q = self.Q[:, : y.shape[0]]
-        return Q @ y.to(dtype=Q.dtype, device=Q.device)
-
-
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
     T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if betas:
@@ -354,13 +322,69 @@ class _Solution(NamedTuple):
     kkt: float  # ‖r_{k+1}‖·|y_k|
 
 
+class _InteriorPhase:
+    """The small problem's interior solution ``y = −γ₀T_k⁻¹e_1`` while ``T_k ≻ 0``, in O(1)
+    per Lanczos step: GLTR's first phase, which is CG in the Lanczos basis.
+
+    ``T_k = L D Lᵀ`` (``L`` unit lower bidiagonal) grows by one row per step:
+    ``l_{k−1} = β_{k−1}/d_{k−1}``, ``d_k = α_k − β_{k−1} l_{k−1}``; ``T_k ≻ 0`` iff every
+    ``d_j > 0``. With ``Lu = −γ₀e_1`` (``u_k = −l_{k−1}u_{k−1}``) and ``w = D⁻¹u``, ``y_k =
+    [y_{k−1}; 0] + w_k c_k`` where ``c_k = L_k⁻ᵀe_k = [−l_{k−1}c_{k−1}; 1]``, so ``‖y_k‖²``,
+    ``y_k``'s first and last components (``w_k``) update by scalars, as Steihaug's CG updates
+    ``‖p‖``. The model value is ``½γ₀y_1`` (``yᵀT y = −γ₀y_1``), the KKT residual
+    ``‖r_{k+1}‖·|w_k|``. No ``eigh`` is needed until the step leaves the region or ``T_k``
+    stops being positive definite; :func:`_gltr` then switches to the exact small solves.
+    """
+
+    def __init__(self, gamma0: float) -> None:
+        self.gamma0 = gamma0
+        self.w: list[float] = []  # w_j
+        self.l: list[float] = []  # l_j, the subdiagonal of L
+        self.d = self.u = 0.0
+        self.norm2 = self.y_dot_c = self.c_norm2 = self.first = 0.0
+        self.c_first = 1.0
+        self.rnorm = 0.0  # ‖r_{k+1}‖ of the last step pushed
+
+    def push(self, alpha: float, beta_prev: float) -> bool:
+        """Add Lanczos step ``k`` (``α_k`` and the coupling ``β_{k−1}``; ``0`` at ``k = 1``);
+        False when ``T_k`` is not positive definite."""
+        if not self.w:
+            self.u, self.c_norm2, self.c_first, shrink = -self.gamma0, 1.0, 1.0, 0.0
+        else:
+            shrink = beta_prev / self.d
+            self.l.append(shrink)
+            alpha -= beta_prev * shrink
+            self.u, self.c_first = -shrink * self.u, -shrink * self.c_first
+            self.c_norm2 = shrink * shrink * self.c_norm2 + 1.0
+        self.d = alpha
+        if not (alpha > 0.0):
+            return False
+        w = self.u / alpha
+        self.w.append(w)
+        cross = -shrink * self.y_dot_c  # ⟨[y_{k−1}; 0], c_k⟩
+        self.norm2 += 2.0 * w * cross + w * w * self.c_norm2
+        self.y_dot_c = cross + w * self.c_norm2
+        self.first += w * self.c_first
+        return True
+
+    def solution(self) -> _Solution:
+        """``y`` by back substitution ``y_k = w_k``, ``y_j = w_j − l_j y_{j+1}``."""
+        y = [0.0] * len(self.w)
+        nxt = 0.0
+        for j in range(len(self.w) - 1, -1, -1):
+            nxt = self.w[j] - (self.l[j] * nxt if j < len(self.l) else 0.0)
+            y[j] = nxt
+        return _Solution(torch.tensor(y, dtype=torch.float64), 0.0, False,
+                         0.5 * self.gamma0 * self.first, self.rnorm * abs(self.w[-1]))
+
+
 def _solve_small(T: Tensor, gamma0: float, radius: float, rnorm: float) -> _Solution:
     y, lam, hard = tridiagonal_subproblem(T, gamma0, radius)
     model = gamma0 * float(y[0]) + 0.5 * float(y @ (T @ y))
     return _Solution(y, lam, hard, model, rnorm * abs(float(y[-1])))
 
 
-def _restart(basis: _Basis, g: Tensor, precond) -> tuple[Tensor, Tensor, float] | None:
+def _restart(basis: KrylovBasis, g: Tensor, precond) -> tuple[Tensor, Tensor, float] | None:
     """A fixed pseudo-random start ``M``-orthogonal to the basis: ``(r, M⁻¹r, rᵀM⁻¹r)``, or
     None when nothing is left of it (the basis spans the space up to rounding)."""
     gen = torch.Generator().manual_seed(basis.k)
@@ -389,7 +413,7 @@ def _gltr(matvec, precond, g: Tensor, radius: float, rtol: float, atol: float, m
     z = r if precond is None else precond(r)
     rz, gnorm = float(torch.dot(r, z)), float(torch.linalg.vector_norm(g))
     tol = max(rtol * gnorm, atol)
-    basis = _Basis(g, maxiter, precond is not None)
+    basis = KrylovBasis(g, maxiter, precond is not None)
     sol = _Solution(torch.zeros(0, dtype=torch.float64), 0.0, False, 0.0, gnorm)
     if not (math.isfinite(rz) and math.isfinite(gnorm)):
         return _result(g, basis, sol, radius, tol, 0, maxiter, S.NON_FINITE)
@@ -402,13 +426,17 @@ def _gltr(matvec, precond, g: Tensor, radius: float, rtol: float, atol: float, m
     betas: list[float] = []  # betas[j] couples steps j and j+1; 0 where Lanczos restarted
     v_prev, scale, block, explored = None, 0.0, 0, False
     status, k = S.MAX_ITERATIONS, 0
+    interior: _InteriorPhase | None = _InteriorPhase(gamma0)
     while k < maxiter:
         k += 1
-        q, v = z / gamma, r / gamma  # v = Mq
+        q = z / gamma
+        v = q if precond is None else r / gamma  # v = Mq
         basis.append(q, v)
         w = matvec(q)
         alpha = float(torch.dot(q, w))
-        r = w - alpha * v if v_prev is None else w - alpha * v - gamma * v_prev
+        r = torch.add(w, v, alpha=-alpha)
+        if v_prev is not None:
+            r = r.add_(v_prev, alpha=-gamma)
         r = basis.project_out(r)
         z = r if precond is None else precond(r)
         rz = float(torch.dot(r, z))
@@ -424,6 +452,16 @@ def _gltr(matvec, precond, g: Tensor, radius: float, rtol: float, atol: float, m
             status = S.INDEFINITE_PRECONDITIONER
             break
         scale = max(scale, beta)
+        if interior is not None:
+            if not invariant and interior.push(alpha, betas[-1] if betas else 0.0) and (
+                    interior.norm2 < radius * radius):
+                sol, interior.rnorm = None, rnorm  # CG's iterate: built only when needed
+                if rnorm * abs(interior.w[-1]) <= tol:
+                    break
+                betas.append(beta)
+                v_prev, gamma = v, beta
+                continue
+            interior = None  # left the region or T_k ⊁ 0: exact small solves from now on
         T = _tridiagonal(alphas, betas)
         sol = _solve_small(T, gamma0, radius, 0.0 if invariant else rnorm)
         if invariant:
@@ -442,6 +480,10 @@ def _gltr(matvec, precond, g: Tensor, radius: float, rtol: float, atol: float, m
             break
         betas.append(beta)
         v_prev, gamma = v, beta
+    if sol is None:  # stopped in the interior phase
+        sol = interior.solution()
+        if status is S.MAX_ITERATIONS and sol.kkt <= tol:
+            status = S.CONVERGED
     return _result(g, basis, sol, radius, tol, k, maxiter, status)
 
 
@@ -450,7 +492,7 @@ def _done(sol: _Solution) -> TrustKrylovStatus:
     return S.HARD_CASE if sol.hard else S.BOUNDARY if sol.lam > 0 else S.CONVERGED
 
 
-def _result(g: Tensor, basis: _Basis, sol: _Solution, radius: float, tol: float, k: int,
+def _result(g: Tensor, basis: KrylovBasis, sol: _Solution, radius: float, tol: float, k: int,
             maxiter: int, status: TrustKrylovStatus) -> TrustKrylovResult:
     """Package the state: ``p = Q y`` on ``g``'s device and dtype, scalars as 0-d tensors."""
 

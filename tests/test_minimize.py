@@ -133,6 +133,30 @@ def test_chained_rosenbrock_matches_scipy_iterations() -> None:
     torch.testing.assert_close(res.x, torch.tensor(ref.x), rtol=0, atol=1e-4)
 
 
+def test_trust_ncg_reorthogonalizes_small_problems(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Badly scaled logistic regression (columns 1e-2…1e2): with its CG residuals
+    # reorthogonalised (the default up to REORTHOGONALIZE_MAX_N variables) trust-ncg reaches
+    # the same optimum with far fewer Hessian products; above the limit it is plain CG.
+    g = _gen(5)
+    X = torch.randn(400, 20, dtype=F64, generator=g) * torch.logspace(-2, 2, 20, dtype=F64)
+    y = (torch.rand(400, dtype=F64, generator=g) < 0.5).to(F64)
+
+    def f(w: Tensor) -> Tensor:
+        z = X @ w
+        return torch.nn.functional.softplus(z).mean() - (y * z).mean() + 5e-4 * w @ w
+
+    w0 = torch.zeros(20, dtype=F64)
+    auto = minimize(f, w0, gtol=1e-9)
+    plain = minimize(f, w0, gtol=1e-9, reorthogonalize=False)
+    assert auto.success and plain.success
+    assert auto.nhev < 0.75 * plain.nhev, (auto.nhev, plain.nhev)
+    torch.testing.assert_close(auto.x, plain.x, rtol=1e-6, atol=1e-8)
+    mod = importlib.import_module("natgrad.minimize")
+    monkeypatch.setattr(mod, "REORTHOGONALIZE_MAX_N", 19)
+    assert minimize(f, w0, gtol=1e-9).nhev == plain.nhev
+    assert minimize(f, w0, gtol=1e-9, reorthogonalize=True).nhev == auto.nhev
+
+
 # -------------------------------------------------------- structure and options
 def test_dict_x0_least_squares_matches_lstsq() -> None:
     g = _gen(3)

@@ -251,5 +251,51 @@ def test_bad_inputs_raise() -> None:
         steihaug_solve(eye, torch.ones(2, 3, dtype=F64), torch.ones(2, dtype=F64))
 
 
+# ------------------------------------------------------------- reorthogonalisation
+def test_reorthogonalized_cg_converges_in_n_products_where_plain_cg_does_not() -> None:
+    # κ = 1e8, n = 40: plain CG loses orthogonality and runs to maxiter; with the residuals
+    # reorthogonalised it terminates as in exact arithmetic, at the dense solution.
+    A = _sym(torch.logspace(-4, 4, 40, dtype=F64).tolist(), 21)
+    g = torch.randn(40, dtype=F64, generator=_gen(22))
+    ref = -torch.linalg.solve(A, g)
+    plain = steihaug_solve(A, g, 1e12, rtol=1e-10, maxiter=200)
+    reorth = steihaug_solve(A, g, 1e12, rtol=1e-10, maxiter=200, reorthogonalize=True)
+    assert reorth.status is SteihaugStatus.CONVERGED and reorth.matvecs <= 41
+    assert plain.matvecs > 2 * reorth.matvecs
+    torch.testing.assert_close(reorth.p, ref, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("radius", [1e-2, 1.0, 30.0, 1e6])
+def test_reorthogonalized_equals_plain_on_a_well_conditioned_problem(radius: float) -> None:
+    # Where plain CG keeps orthogonality, projecting out the previous residuals changes
+    # nothing but rounding: same exit, same step (indefinite A, so every exit is reached).
+    A = _sym(torch.linspace(-1.0, 4.0, 30, dtype=F64).tolist(), 23)
+    g = torch.randn(30, dtype=F64, generator=_gen(24))
+    plain = steihaug_solve(A, g, radius, rtol=1e-10)
+    reorth = steihaug_solve(A, g, radius, rtol=1e-10, reorthogonalize=True)
+    assert reorth.status is plain.status and reorth.matvecs == plain.matvecs
+    torch.testing.assert_close(reorth.p, plain.p, rtol=1e-10, atol=1e-12)
+    assert _model(A, g, reorth.p) == pytest.approx(float(reorth.model_value), rel=1e-9)
+
+
+def test_reorthogonalized_with_a_preconditioner_solves_the_system() -> None:
+    d = torch.logspace(-3, 3, 40, dtype=F64)
+    A = torch.diag(d.sqrt()) @ _sym(torch.logspace(0, 2, 40, dtype=F64).tolist(), 25) @ torch.diag(
+        d.sqrt())
+    g = torch.randn(40, dtype=F64, generator=_gen(26))
+    res = steihaug_solve(A, g, 1e12, rtol=1e-10, M=lambda r: r / d, reorthogonalize=True)
+    assert res.status is SteihaugStatus.CONVERGED and res.matvecs <= 41
+    torch.testing.assert_close(res.p, -torch.linalg.solve(A, g), rtol=1e-6, atol=0.0)
+
+
+def test_reorthogonalize_needs_one_vector_in_tolerance_mode() -> None:
+    A = _sym([1.0, 2.0, 3.0], 27)
+    with pytest.raises(ValueError, match="reorthogonalize"):
+        steihaug_solve(A, torch.ones(3, 2, dtype=F64), 1.0, reorthogonalize=True)
+    with pytest.raises(ValueError, match="reorthogonalize"):
+        steihaug_solve(A, torch.ones(3, dtype=F64), 1.0, rtol=0.0, maxiter=3,
+                       reorthogonalize=True)
+
+
 def test_doctests() -> None:
     assert doctest.testmod(natgrad.steihaug, raise_on_error=False).failed == 0

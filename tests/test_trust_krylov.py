@@ -20,6 +20,7 @@ from natgrad.steihaug import steihaug_solve
 from natgrad.trust_krylov import (
     TrustKrylovError,
     TrustKrylovStatus,
+    _InteriorPhase,
     tridiagonal_subproblem,
     trust_krylov_solve,
 )
@@ -190,6 +191,61 @@ def test_tridiagonal_subproblem_hard_case_directly() -> None:
     y, lam, hard = tridiagonal_subproblem(T, 2.0, 0.5)  # small radius: the secular root
     assert not hard and float(y.norm()) == pytest.approx(0.5, rel=1e-12)
     assert float(y[0]) == pytest.approx(-2.0 / (1.0 + lam), rel=1e-12)
+
+
+# ------------------------------------------ the interior phase (CG in the Lanczos basis)
+def _tridiag(alphas: Tensor, betas: Tensor) -> Tensor:
+    return torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_interior_phase_matches_a_dense_solve_at_every_step(seed: int) -> None:
+    # y = −γ₀T_k⁻¹e₁, ‖y‖², y₁ and the model value by the O(1) recurrences against
+    # torch.linalg.solve on the leading k × k block, for every k.
+    gen = _gen(seed)
+    alphas = 2.0 + torch.rand(9, dtype=F64, generator=gen) * 3.0
+    betas = torch.rand(8, dtype=F64, generator=gen)  # diagonally dominant: T ≻ 0
+    gamma0 = 0.7
+    phase = _InteriorPhase(gamma0)
+    for k in range(1, 10):
+        assert phase.push(float(alphas[k - 1]), float(betas[k - 2]) if k > 1 else 0.0)
+        T = _tridiag(alphas[:k], betas[: k - 1])
+        e1 = torch.zeros(k, dtype=F64)
+        e1[0] = 1.0
+        y_ref = torch.linalg.solve(T, -gamma0 * e1)
+        phase.rnorm = 0.5
+        sol = phase.solution()
+        torch.testing.assert_close(sol.y, y_ref, rtol=1e-12, atol=1e-14)
+        assert phase.norm2 == pytest.approx(float(y_ref @ y_ref), rel=1e-12)
+        assert phase.first == pytest.approx(float(y_ref[0]), rel=1e-12)
+        assert sol.model == pytest.approx(float(0.5 * y_ref @ T @ y_ref + gamma0 * y_ref[0]),
+                                          rel=1e-12)
+        assert sol.kkt == pytest.approx(0.5 * abs(float(y_ref[-1])), rel=1e-12)
+
+
+def test_interior_phase_stops_at_the_first_block_that_is_not_positive_definite() -> None:
+    alphas = torch.tensor([2.0, 1.0, 0.3, 4.0], dtype=F64)
+    betas = torch.tensor([1.0, 0.9, 0.5], dtype=F64)
+    T = _tridiag(alphas, betas)
+    first_bad = next(k for k in range(1, 5) if float(torch.linalg.eigvalsh(T[:k, :k])[0]) <= 0)
+    phase = _InteriorPhase(1.0)
+    pushed = [phase.push(float(alphas[k - 1]), float(betas[k - 2]) if k > 1 else 0.0)
+              for k in range(1, first_bad + 1)]
+    assert pushed == [True] * (first_bad - 1) + [False]
+
+
+@pytest.mark.parametrize("radius", [1e3, 20.0, 0.05])
+def test_interior_steps_then_the_boundary(radius: float) -> None:
+    # Ill-conditioned SPD: many interior (eigh-free) steps; a small radius is crossed
+    # after some of them (Δ = 20: 6 interior steps here), and the exact small solves take
+    # over from there.
+    A, _ = _sym(torch.logspace(-2, 2, 30, dtype=F64).tolist(), 11)
+    g = torch.randn(30, dtype=F64, generator=_gen(12))
+    res = trust_krylov_solve(A, g, radius, rtol=1e-12)
+    p_ref, _ = exact_tr(A, g, radius)
+    torch.testing.assert_close(res.p, p_ref, rtol=1e-8, atol=1e-10)
+    assert res.status is (S.CONVERGED if radius > 100 else S.BOUNDARY)
+    assert float(res.model_value) == pytest.approx(_model(A, g, res.p), rel=1e-10)
 
 
 # ---------------------------------------------------------- GLTR against Steihaug
