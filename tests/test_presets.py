@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from trpo.config import TRPOConfig
-from trpo.presets import PRESETS, config_for
+from trpo.presets import BACKEND_PRESETS, PRESETS, config_for
+from trpo.run import parse_cli
 
 FIELDS = [f.name for f in dataclasses.fields(TRPOConfig)]
 MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
@@ -56,3 +57,28 @@ def test_config_for_layers_defaults_preset_overrides():
         config_for("Hopper-v5", max_kll=0.1)
     with pytest.raises(ValueError, match="^max_kl must"):
         config_for("Hopper-v5", max_kl=-1.0)
+
+
+def test_backend_presets_layer_between_the_env_preset_and_the_overrides():
+    for (env_id, backend), preset in BACKEND_PRESETS.items():
+        assert set(preset) <= set(FIELDS) and env_id in PRESETS
+        cfg = config_for(env_id, env_backend=backend)
+        assert all(getattr(cfg, k) == v for k, v in preset.items())
+        # the env's preset stays where the backend's does not override it
+        kept = set(PRESETS[env_id]) - set(preset)
+        assert kept and all(getattr(cfg, k) == PRESETS[env_id][k] for k in kept)
+    hopper = BACKEND_PRESETS["Hopper-v5", "envpool"]
+    assert config_for("Hopper-v5").n_envs == PRESETS["Hopper-v5"]["n_envs"] != hopper["n_envs"]
+    cfg = config_for("Hopper-v5", env_backend="envpool", n_envs=4)  # the user's value wins
+    assert cfg.n_envs == 4 and cfg.n_steps == hopper["n_steps"]
+    assert "n_envs" in cfg.given_fields and "n_steps" not in cfg.given_fields
+
+
+def test_the_cli_picks_the_backend_preset():
+    hopper = BACKEND_PRESETS["Hopper-v5", "envpool"]
+    cfg = parse_cli(["--env", "Hopper-v5", "--env-backend", "envpool"])
+    assert (cfg.env_backend, cfg.n_envs, cfg.max_kl) == ("envpool", hopper["n_envs"],
+                                                         hopper["max_kl"])
+    cfg = parse_cli(["--env", "Hopper-v5", "--env-backend=envpool", "--max-kl", "0.005"])
+    assert cfg.n_envs == hopper["n_envs"] and cfg.max_kl == 0.005
+    assert parse_cli(["--env", "Hopper-v5"]).n_envs == PRESETS["Hopper-v5"]["n_envs"]

@@ -16,8 +16,9 @@ from types import MappingProxyType
 from typing import Any
 
 from trpo.config import TRPOConfig
+from trpo.envpool_env import resolve_env_backend
 
-__all__ = ["PRESETS", "config_for"]
+__all__ = ["BACKEND_PRESETS", "PRESETS", "config_for"]
 
 # Starting points from rl-baselines3-zoo's tuned TRPO hyperparameters (hyperparams/trpo.yml);
 # zoo's `normalize: true` is obs + reward normalisation, `batch_size` is the critic minibatch.
@@ -89,8 +90,27 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 """Per-env overrides of the :class:`TRPOConfig` defaults, applied by :func:`config_for`."""
 
 
+BACKEND_PRESETS: Mapping[tuple[str, str], Mapping[str, Any]] = MappingProxyType(
+    {
+        # envpool steps 16 envs on 2 threads at ~1.8x gymnasium's 2 (docs/envpool.md); with
+        # twice the batch per update, the update runs half as often and the Fisher is taken
+        # on a quarter of it, so the rollout is again most of the time (docs/benchmarks.md).
+        ("Hopper-v5", "envpool"): MappingProxyType(
+            dict(n_envs=16, n_steps=256, critic_epochs=10, critic_minibatch_size=256,
+                 fvp_fraction=0.25, max_kl=0.02)
+        ),
+    }
+)
+"""Overrides of ``PRESETS[env_id]`` for one ``(env_id, env_backend)``: each backend's best
+2-core configuration where it differs from the env's preset (measured in docs/benchmarks.md)."""
+
+
 def config_for(env_id: str, **overrides: Any) -> TRPOConfig:
-    """The config for ``env_id``: dataclass defaults < ``PRESETS[env_id]`` < ``overrides``.
+    """The config for ``env_id``: dataclass defaults < ``PRESETS[env_id]`` <
+    ``BACKEND_PRESETS[env_id, backend]`` < ``overrides``.
+
+    ``backend`` is ``overrides["env_backend"]`` (default ``"gymnasium"``), ``"auto"`` resolved
+    by :func:`trpo.envpool_env.resolve_env_backend` (and saved resolved).
 
     Envs without a preset get the dataclass defaults. Only ``env_id`` and the ``overrides``
     count as given (:attr:`TRPOConfig.given_fields`), so ``config_for(env, resume=d,
@@ -105,5 +125,14 @@ def config_for(env_id: str, **overrides: Any) -> TRPOConfig:
         raise ValueError(f"unknown TRPOConfig field(s): {', '.join(unknown)}")
     if "env_id" in overrides and overrides["env_id"] != env_id:
         raise ValueError(f"env_id given twice: {env_id!r} and {overrides['env_id']!r}")
-    values = {**PRESETS.get(env_id, {}), **overrides, "env_id": env_id}
+    backend = overrides.get("env_backend", TRPOConfig.env_backend)
+    if backend == "auto":
+        overrides = {**overrides, "env_backend": resolve_env_backend(backend, env_id)}
+        backend = overrides["env_backend"]
+    values = {
+        **PRESETS.get(env_id, {}),
+        **BACKEND_PRESETS.get((env_id, backend), {}),
+        **overrides,
+        "env_id": env_id,
+    }
     return TRPOConfig(**values).with_given({*overrides, "env_id"})

@@ -26,6 +26,7 @@ from trpo.train import TrainingError, TrainingInterrupted, train
 __all__ = ["main", "parse_cli"]
 
 _ENV_FLAGS = ("--env", "--env-id", "--env_id")
+_BACKEND_FLAGS = ("--env-backend", "--env_backend")
 
 
 def _scan_flag(argv: Sequence[str], flags: Sequence[str]) -> str | None:
@@ -51,8 +52,9 @@ def _exit_with(error: ValueError) -> SystemExit:
 def parse_cli(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TRPOConfig:
     """Build a :class:`TRPOConfig` from command-line flags named after the fields.
 
-    ``--env-id`` (alias ``--env``) is read first to pick the preset, which then serves as the
-    defaults shown by ``--help``; any flag the user typed overrides it. With
+    ``--env-id`` (alias ``--env``) and ``--env-backend`` are read first to pick the preset
+    (:func:`trpo.presets.config_for`), which then serves as the defaults shown by ``--help``;
+    any flag the user typed overrides it. With
     ``--resume RUN_DIR`` the run's saved ``config.json`` is the base instead, and the typed
     flags that change it are the given fields :func:`trpo.config.resume_config` applies
     (e.g. a larger ``--total-steps``); the env and the networks may not change.
@@ -67,12 +69,15 @@ def parse_cli(argv: Sequence[str] | None = None, *, prog: str | None = None) -> 
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     env_id = _scan_flag(argv, _ENV_FLAGS)
+    backend = _scan_flag(argv, _BACKEND_FLAGS)
     resume = _scan_flag(argv, ("--resume",))
     try:
         if resume is not None and resume != "None":
             base = dataclasses.replace(load_config(resume), resume=resume)
         else:
-            base = config_for(env_id or TRPOConfig.env_id)
+            # The backend picks its preset too (trpo.presets.BACKEND_PRESETS).
+            given = {} if backend is None else {"env_backend": backend}
+            base = config_for(env_id or TRPOConfig.env_id, **given)
     except ValueError as e:
         raise _exit_with(e) from None
     config = tyro.cli(TRPOConfig, args=argv, default=base, prog=prog)
