@@ -15,11 +15,19 @@ normalises), one torch thread, one run at a time, each in its own subprocess:
   as ours (``seed + 10_000 + i``).
 
 Both curves are then smoothed by a trailing mean over ``--window`` updates and plotted
-against env steps (mean over seeds, shaded min-max) into ``<img-dir>/curves_ENV_vs_sb3.png``.
+(mean over seeds, shaded min-max) into ``<img-dir>/curves_ENV_vs_sb3.png``, against env
+steps and against training seconds (equal wall time): ours the running sum of the
+rollout and update seconds of ``metrics.csv``, SB3 the seconds into ``learn()`` at each
+update's last step (interpolated between the episode time stamps); start-up and the final
+evaluation are excluded on both sides. ``--backends gymnasium envpool`` adds a curve of ours
+per backend (each with its preset, ``trpo.presets.BACKEND_PRESETS``); ``--sb3-seeds`` runs
+SB3 on fewer seeds than ours.
 Wall seconds are those of the whole subprocess (imports, env construction, training and the
 final evaluation) on both sides. Usage (the numbers of docs/benchmarks.md)::
 
     python bench/curves_sb3.py --envs CartPole-v1 Pendulum-v1 --seeds 1 2 --steps 100000
+    python bench/curves_sb3.py --envs Hopper-v5 --seeds 1 2 3 --sb3-seeds 1 --steps 1000000 \
+        --backends gymnasium envpool
 
 Check the machine's load first (``uptime``).
 """
@@ -44,8 +52,12 @@ __all__ = ["per_update_means", "read_ours_curve", "smooth", "plot_curves", "main
 
 _ROOT = Path(__file__).resolve().parents[1]
 _EVAL_RE = re.compile(r"evaluation over (\d+) episodes: mean return (-?[\d.]+)")
-_COLOURS = {"ours": "tab:blue", "sb3": "tab:orange"}
-_LABELS = {"ours": "ours (natgrad TRPO)", "sb3": "sb3-contrib TRPO"}
+_COLOURS = {"ours": "tab:blue", "ours-envpool": "tab:green", "sb3": "tab:orange"}
+_LABELS = {
+    "ours": "ours (natgrad TRPO, gymnasium)",
+    "ours-envpool": "ours, envpool preset",
+    "sb3": "sb3-contrib TRPO",
+}
 
 
 # ----------------------------------------------------------------------------- curves
@@ -78,15 +90,17 @@ def per_update_means(
     return np.arange(1, n + 1) * batch, means
 
 
-def read_ours_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``global_step`` and ``charts/episode_return`` columns of a run's ``metrics.csv``."""
-    xs, ys = [], []
+def read_ours_curve(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``global_step``, ``charts/episode_return`` and the training seconds so far (the running
+    sum of ``time/rollout_seconds + time/update_seconds``) of a run's ``metrics.csv``."""
+    xs, ys, ts = [], [], []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             value = row.get("charts/episode_return", "")
             xs.append(int(float(row["global_step"])))
             ys.append(float(value) if value not in ("", None) else float("nan"))
-    return np.asarray(xs), np.asarray(ys)
+            ts.append(float(row["time/rollout_seconds"]) + float(row["time/update_seconds"]))
+    return np.asarray(xs), np.asarray(ys), np.cumsum(ts)
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -108,17 +122,19 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_curves(
-    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+    curves: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]],
     path: Path,
     *,
     title: str,
     window: int,
 ) -> None:
-    """Mean over seeds (line) and min-max over seeds (band) per library, smoothed.
+    """Mean over seeds (line) and min-max over seeds (band) per library, smoothed, against
+    env steps (left) and against training seconds (right: equal wall time).
 
     Args:
-        curves: ``{side: [(x, y) per seed]}``; the seeds of one side share the same ``x``
-            grid up to length (truncated to the shortest).
+        curves: ``{side: [(steps, returns, seconds) per seed]}``; the seeds of one side share
+            the same step grid up to length (truncated to the shortest); their seconds are
+            averaged.
         path: PNG to write.
         title: Plot title.
         window: Smoothing window in updates.
@@ -128,23 +144,28 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120, sharey=True)
     for side, runs in curves.items():
         if not runs:
             continue
-        n = min(len(x) for x, _ in runs)
-        x = runs[0][0][:n]
-        ys = np.stack([smooth(y[:n], window) for _, y in runs])
+        n = min(len(x) for x, _, _ in runs)
+        x, t = runs[0][0][:n], np.mean([t[:n] for _, _, t in runs], axis=0)
+        ys = np.stack([smooth(y[:n], window) for _, y, _ in runs])
         with np.errstate(invalid="ignore"):
             mean = np.nanmean(ys, axis=0)
         colour = _COLOURS.get(side)
-        ax.fill_between(x, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=colour, alpha=0.2)
-        ax.plot(x, mean, color=colour, lw=2, label=f"{_LABELS.get(side, side)} ({len(runs)} seeds)")
-    ax.set_xlabel("env steps")
-    ax.set_ylabel(f"training episode return (trailing mean of {window} updates)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+        for ax, xs in zip(axes, (x, t)):
+            ax.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=colour,
+                            alpha=0.2)
+            ax.plot(xs, mean, color=colour, lw=2,
+                    label=f"{_LABELS.get(side, side)} ({len(runs)} seeds)")
+    axes[0].set_xlabel("env steps")
+    axes[1].set_xlabel("training seconds (rollouts + updates; mean over seeds)")
+    axes[0].set_ylabel(f"training episode return (trailing mean of {window} updates)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -161,18 +182,20 @@ def run_sb3_worker(env_id: str, seed: int, steps: int, eval_episodes: int, out: 
 
     s = settings_for(env_id, "preset", "sync")
     env, vecnorm = make_sb3_env(env_id, s, seed)  # Monitor-wrapped by make_vec_env
-    episodes: list[tuple[int, float]] = []
+    episodes: list[tuple[int, float, float]] = []
 
     class Record(BaseCallback):
-        """(num_timesteps, raw return) of every episode Monitor reports as finished."""
+        """(num_timesteps, raw return, seconds into learn()) of every finished episode."""
 
         def _on_step(self) -> bool:
             for info in self.locals["infos"]:
                 if "episode" in info:
-                    episodes.append((int(self.num_timesteps), float(info["episode"]["r"])))
+                    episodes.append((int(self.num_timesteps), float(info["episode"]["r"]),
+                                     time.perf_counter() - start))
             return True
 
     model = TRPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **sb3_kwargs(s))
+    start = time.perf_counter()
     model.learn(total_timesteps=steps, callback=Record())
     if vecnorm is not None:
         vecnorm.training = False  # freeze the statistics for evaluation
@@ -185,7 +208,7 @@ def run_sb3_worker(env_id: str, seed: int, steps: int, eval_episodes: int, out: 
     env.close()
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["global_step", "episode_return"])
+        writer.writerow(["global_step", "episode_return", "train_seconds"])
         writer.writerows(episodes)
     return dict(
         steps=int(model.num_timesteps),
@@ -202,13 +225,14 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _run_ours(env_id: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    name = f"ours_{env_id}_{seed}"
+def _run_ours(env_id: str, seed: int, args: argparse.Namespace,
+              backend: str = "gymnasium") -> dict[str, Any]:
+    name = f"ours_{env_id}_{seed}" + ("" if backend == "gymnasium" else f"_{backend}")
     cmd = [
         sys.executable, "-m", "trpo.run", "--env-id", env_id, "--seed", str(seed),
         "--total-steps", str(args.steps), "--runs-root", str(args.out), "--run-name", name,
         "--no-progress", "--torch-threads", "1", "--no-plot", "--no-tensorboard",
-        "--eval-episodes", str(args.eval_episodes),
+        "--eval-episodes", str(args.eval_episodes), "--env-backend", backend,
     ]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), cwd=_ROOT)
@@ -216,8 +240,9 @@ def _run_ours(env_id: str, seed: int, args: argparse.Namespace) -> dict[str, Any
     if proc.returncode != 0:
         raise RuntimeError(f"ours on {env_id} seed {seed} failed:\n{proc.stderr[-4000:]}")
     match = _EVAL_RE.search(proc.stdout)
-    x, y = read_ours_curve(args.out / name / "metrics.csv")
-    return dict(wall_s=wall, eval_return=float(match.group(2)) if match else float("nan"), x=x, y=y)
+    x, y, t = read_ours_curve(args.out / name / "metrics.csv")
+    score = float(match.group(2)) if match else float("nan")
+    return dict(wall_s=wall, eval_return=score, x=x, y=y, t=t)
 
 
 def _run_sb3(env_id: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -236,7 +261,9 @@ def _run_sb3(env_id: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     res = json.loads(lines[-1][len("RESULT ") :])
     data = np.loadtxt(episodes, delimiter=",", skiprows=1, ndmin=2)
     x, y = per_update_means(data[:, 0], data[:, 1], res["batch"], res["steps"])
-    return dict(wall_s=wall, eval_return=res["eval_return"], x=x, y=y)
+    # Training seconds at each update's last step, from the episodes' time stamps.
+    t = np.interp(x, data[:, 0], data[:, 2])
+    return dict(wall_s=wall, eval_return=res["eval_return"], x=x, y=y, t=t)
 
 
 def _load() -> str:
@@ -252,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=5, help="smoothing window, in updates")
     p.add_argument("--out", type=Path, default=Path("runs/curves_sb3"))
     p.add_argument("--img-dir", type=Path, default=Path("docs/img"))
+    p.add_argument("--backends", nargs="+", default=["gymnasium"],
+                   choices=["gymnasium", "envpool"], help="ours: one curve per backend")
+    p.add_argument("--sb3-seeds", type=int, nargs="*", default=None,
+                   help="seeds SB3 runs (default: --seeds)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.out = args.out.resolve()
@@ -269,11 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"curves_sb3: {os.cpu_count()} cpus, load {_load()}", flush=True)
     rows = []
     for env_id in args.envs:
-        curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"ours": [], "sb3": []}
+        curves: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        sb3_seeds = args.seeds if args.sb3_seeds is None else args.sb3_seeds
         for seed in args.seeds:
-            for side, fn in (("ours", _run_ours), ("sb3", _run_sb3)):
+            runs = [(f"ours{'' if b == 'gymnasium' else '-' + b}",
+                     lambda e, s_, a, b=b: _run_ours(e, s_, a, b)) for b in args.backends]
+            runs += [("sb3", _run_sb3)] if seed in sb3_seeds else []
+            for side, fn in runs:
                 res = fn(env_id, seed, args)
-                curves[side].append((res["x"], res["y"]))
+                curves.setdefault(side, []).append((res["x"], res["y"], res["t"]))
                 rows.append((side, env_id, seed, res["wall_s"], res["eval_return"]))
                 print(
                     f"  {side:<4} {env_id} seed {seed}: {res['wall_s']:.1f} s, eval "
