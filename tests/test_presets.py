@@ -77,8 +77,8 @@ def test_backend_presets_layer_between_the_env_preset_and_the_overrides():
 def test_the_cli_picks_the_backend_preset():
     hopper = BACKEND_PRESETS["Hopper-v5", "envpool"]
     cfg = parse_cli(["--env", "Hopper-v5", "--env-backend", "envpool"])
-    assert (cfg.env_backend, cfg.n_envs, cfg.max_kl) == ("envpool", hopper["n_envs"],
-                                                         hopper["max_kl"])
+    assert (cfg.env_backend, cfg.n_envs, cfg.fvp_fraction) == (
+        "envpool", hopper["n_envs"], hopper["fvp_fraction"])
     cfg = parse_cli(["--env", "Hopper-v5", "--env-backend=envpool", "--max-kl", "0.005"])
     assert cfg.n_envs == hopper["n_envs"] and cfg.max_kl == 0.005
     assert parse_cli(["--env", "Hopper-v5"]).n_envs == PRESETS["Hopper-v5"]["n_envs"]
