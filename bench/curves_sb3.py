@@ -158,7 +158,7 @@ def plot_curves(
             ax.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=colour,
                             alpha=0.2)
             ax.plot(xs, mean, color=colour, lw=2,
-                    label=f"{_LABELS.get(side, side)} ({len(runs)} seeds)")
+                    label=f"{_LABELS.get(side, side)} ({len(runs)} seed{'s' if len(runs) != 1 else ''})")
     axes[0].set_xlabel("env steps")
     axes[1].set_xlabel("training seconds (rollouts + updates; mean over seeds)")
     axes[0].set_ylabel(f"training episode return (trailing mean of {window} updates)")
