@@ -157,8 +157,8 @@ def plot_curves(
         for ax, xs in zip(axes, (x, t)):
             ax.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=colour,
                             alpha=0.2)
-            ax.plot(xs, mean, color=colour, lw=2,
-                    label=f"{_LABELS.get(side, side)} ({len(runs)} seed{'s' if len(runs) != 1 else ''})")
+            seeds = f"{len(runs)} seed" + ("s" if len(runs) != 1 else "")
+            ax.plot(xs, mean, color=colour, lw=2, label=f"{_LABELS.get(side, side)} ({seeds})")
     axes[0].set_xlabel("env steps")
     axes[1].set_xlabel("training seconds (rollouts + updates; mean over seeds)")
     axes[0].set_ylabel(f"training episode return (trailing mean of {window} updates)")
