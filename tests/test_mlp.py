@@ -69,6 +69,35 @@ def test_forward_is_the_sequential_and_numpy_agrees(activation):
     torch.testing.assert_close(torch.as_tensor(np_out), want, rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_values_only_forward_agrees_and_tracks_no_gradient(activation, dtype):
+    # differentiable=False runs tanh in numpy, in place: the same values to rounding, the same
+    # layer inputs, no autograd graph even when the weights require grad.
+    net, x = _net(activation, sizes=(4, 64, 64, 3)).to(dtype), _x(300).to(dtype)
+    with torch.no_grad():
+        want_inputs: list[torch.Tensor] = []
+        want = mlp.forward(x, _layers(net), activation, inputs=want_inputs)
+    got_inputs: list[torch.Tensor] = []
+    got = mlp.forward(x, _layers(net), activation, inputs=got_inputs, differentiable=False)
+    assert not got.requires_grad and got.grad_fn is None
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_inputs, want_inputs):
+        torch.testing.assert_close(a, b, **tol)
+    # Leading batch dimensions (F.linear), and torch.func's wrapped tensors, which have no
+    # numpy view: vmap would raise if they reached numpy.
+    x3 = x.reshape(100, 3, 4)
+    torch.testing.assert_close(
+        mlp.forward(x3, _layers(net), activation, differentiable=False), want.reshape(100, 3, 3),
+        **tol,
+    )
+    vmapped = torch.func.vmap(
+        lambda row: mlp.forward(row[None], _layers(net), activation, differentiable=False)[0]
+    )(x)
+    torch.testing.assert_close(vmapped, want, **tol)
+
+
 @pytest.mark.parametrize("activation", list(ACTS))
 def test_jvp_and_vjp_equal_torch_func(activation):
     net, x = _net(activation), _x()

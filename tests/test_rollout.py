@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from natgrad.families import mask_logits, mode
 from trpo.gae import compute_gae
 from trpo.normalize import RewardScaler, RunningMeanStd
 from trpo.policy import log_prob, make_actor
@@ -26,6 +27,7 @@ from trpo.rollout import (
     env_action_converter,
     init_rollout_state,
     make_envs,
+    numpy_mode_fn,
 )
 
 COUNTER_ID = "TestCounter-v0"
@@ -431,3 +433,39 @@ def test_numpy_and_torch_backends_sample_the_same_actions(kind):
             torch.testing.assert_close(rn.actions, rt.actions, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(rn.actions, rt.actions)
+
+
+@pytest.mark.parametrize("kind", ["box", "discrete", "multi_discrete", "multi_binary"])
+def test_numpy_mode_is_the_mode_of_the_torch_actor(kind):
+    # Evaluation's numpy path (zero noise through the rollout's numpy policy) against
+    # natgrad.families.mode on the torch forward, with an observation normaliser and masks.
+    env = gym.make(ECHO_ID, kind=kind)
+    torch.manual_seed(0)
+    actor = make_actor(env.observation_space, env.action_space)
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(torch.randn_like(p))
+    norm = RunningMeanStd((2,))
+    norm.update(torch.randn(10, 2, generator=torch.Generator().manual_seed(1)))
+    act = numpy_mode_fn(actor, norm)
+    obs = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+    with torch.no_grad():
+        want = mode(actor.family, actor(norm.normalize(torch.from_numpy(obs)))).numpy()
+    got = act(obs, None)
+    if kind == "box":  # float32 rounding (BLAS order): a few ulps
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(got, want)
+    if kind in ("discrete", "multi_discrete"):
+        width = actor.action_dim
+        mask = np.random.default_rng(1).random((64, width)) < 0.5
+        mask[:, 0] = True  # every head keeps a valid action
+        if kind == "multi_discrete":
+            mask[:, actor.nvec[0]] = True
+        with torch.no_grad():
+            dist = actor(norm.normalize(torch.from_numpy(obs)))
+            want = mode(actor.family, mask_logits(dist, torch.from_numpy(mask))).numpy()
+        np.testing.assert_array_equal(act(obs, mask), want)
+    env.close()
+    # Where numpy does not apply (a module that is not the built-in actor): None.
+    assert numpy_mode_fn(nn.Linear(2, 2), None) is None

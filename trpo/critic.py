@@ -30,12 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import cuda_graph
+from natgrad.adam import Adam
 from natgrad.distributed import LOCAL, Reducer
 from natgrad.mlp import FlatMLP, adam_options
 from trpo.policy import Critic
 
 __all__ = [
     "CriticFitResult",
+    "CriticOptimizer",
     "CriticSettings",
     "explained_variance",
     "fit_critic",
@@ -101,11 +103,16 @@ def settings_from_keywords(
     return settings_type(**legacy), (Reducer() if distributed else reducer)
 
 
+#: The critic's optimiser: a ``torch.optim`` one, or :class:`natgrad.adam.Adam` (what
+#: :func:`trpo.train` builds: the same arithmetic without the ``torch._dynamo`` import).
+CriticOptimizer = torch.optim.Optimizer | Adam
+
+
 # --------------------------------------------------------------------------- trainers
 class _AutogradTrainer:
     """One minibatch step by autograd and the critic's own optimiser (any critic/optimiser)."""
 
-    def __init__(self, critic: nn.Module, optimizer: torch.optim.Optimizer, reducer: Reducer):
+    def __init__(self, critic: nn.Module, optimizer: CriticOptimizer, reducer: Reducer):
         self.critic, self.optimizer, self.reducer = critic, optimizer, reducer
 
     def step(self, obs: Tensor, returns: Tensor, n_k: float) -> Tensor:
@@ -141,7 +148,7 @@ class _FusedTrainer:
         self.flat.write_back()
 
 
-def supports_fast_fit(critic: nn.Module, optimizer: torch.optim.Optimizer, obs: Tensor) -> bool:
+def supports_fast_fit(critic: nn.Module, optimizer: CriticOptimizer, obs: Tensor) -> bool:
     """Whether the fused trainer applies: the plain :class:`Critic` (its own forward, a tanh
     MLP of ``nn.Linear`` layers), a plain ``torch.optim.Adam`` over exactly its parameters
     (:func:`natgrad.mlp.adam_options`), floating ``obs`` of its dtype and device. Structure
@@ -166,7 +173,7 @@ def supports_fast_fit(critic: nn.Module, optimizer: torch.optim.Optimizer, obs: 
 
 
 def _trainer(
-    critic: nn.Module, optimizer: torch.optim.Optimizer, obs: Tensor, reducer: Reducer
+    critic: nn.Module, optimizer: CriticOptimizer, obs: Tensor, reducer: Reducer
 ) -> _AutogradTrainer | _FusedTrainer:
     """The fused trainer where it reproduces the autograd step exactly (on every process:
     the verdict is reduced), else the autograd trainer."""
@@ -211,7 +218,7 @@ def _epochs(
 
 def fit_critic(
     critic: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: CriticOptimizer,
     obs: Tensor,
     returns: Tensor,
     settings: CriticSettings | None = None,

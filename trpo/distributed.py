@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from natgrad import distributed as nd
+from natgrad.adam import Adam
 from trpo.normalize import RewardScaler, RunningMeanStd
 
 __all__ = [
@@ -262,7 +263,7 @@ class DataParallel:
         self,
         actor: nn.Module,
         critic: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Adam | None = None,
         obs_rms: RunningMeanStd | None = None,
         reward_scaler: RewardScaler | None = None,
     ) -> None:

@@ -70,6 +70,7 @@ __all__ = [
     "env_action_converter",
     "init_rollout_state",
     "make_envs",
+    "numpy_mode_fn",
 ]
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -626,6 +627,28 @@ class _Buffers:
             mask[0] = state.masks
         flags = (np.empty((T, N), dtype=np.bool_) for _ in range(2))
         return cls(obs, np.empty((T, N), dtype=np.float64), *flags, mask, state.mask_source, [])
+
+
+def numpy_mode_fn(
+    actor: Any, normalizer: RunningMeanStd | None
+) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None:
+    """``(raw obs (N, ...), masks (N, ΣK) or None) -> the mode's action (numpy)`` of a CPU,
+    non-recurrent built-in actor, the rollout's numpy policy with zero noise: argmax of the
+    logits (+ 0 Gumbel), the mean (+ σ·0), ``logits > 0`` (0 logistic), per head. ``None``
+    where the numpy path does not apply (the caller keeps its torch path)."""
+    if (
+        getattr(actor, "recurrent", False)
+        or getattr(actor, "numpy_inference_fn", None) is None
+        or any(p.device.type != "cpu" for p in actor.parameters())
+    ):
+        return None
+    dtype = next(actor.parameters()).dtype
+    x0 = torch.zeros((1, *actor.obs_shape), dtype=dtype)
+    with torch.no_grad():
+        noise = draw_noise(actor.family, actor.inference_fn()(x0), torch.Generator(), (1,))
+    zeros = [torch.zeros_like(n) for n in noise] if isinstance(noise, list) else noise.zero_()
+    act = _numpy_policy(actor, zeros, normalizer, _NUMPY_DTYPES.get(dtype, np.float32))
+    return lambda obs, mask: act(0, obs, mask)
 
 
 def _policy_for_rollout(

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from natgrad.adam import Adam
 from natgrad.trust_region import StepStatus
 from trpo.checkpoint import (
     capture_rng_state,
@@ -135,7 +136,7 @@ class _State:
 
     actor: Actor
     critic: Critic
-    critic_opt: torch.optim.Optimizer
+    critic_opt: Adam  # torch.optim.Adam's arithmetic and checkpoint format, no dynamo import
     generator: torch.Generator  # action noise, on the device
     cpu_generator: torch.Generator  # Fisher subsample and critic minibatches
     obs_rms: RunningMeanStd | None
@@ -345,7 +346,7 @@ def _build(
     return _State(
         actor=actor,
         critic=critic,
-        critic_opt=torch.optim.Adam(critic.parameters(), lr=config.critic_lr),
+        critic_opt=Adam(critic.parameters(), lr=config.critic_lr),
         generator=torch.Generator(device=device).manual_seed(config.seed),
         cpu_generator=torch.Generator().manual_seed(config.seed + 1),
         obs_rms=obs_rms,

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from natgrad import cuda_graph
 from natgrad.cg import CG
@@ -402,8 +403,13 @@ def _surrogate_and_gradient(
     distribution parameters (∇_z L is elementwise and cheap, Jᵀ the cached reverse pass);
     else by a forward and backward through the actor."""
     if fisher is not None:
-        grad_z, value = torch.func.grad_and_value(lambda z: surrogate(z, batch, old))(old.dist)
-        return value, fisher.vjp(grad_z)
+        # torch.autograd, not torch.func.grad: the latter imports torch._dynamo (1-2 s).
+        leaves, spec = tree_flatten(old.dist)
+        leaves = [leaf.detach().requires_grad_() for leaf in leaves]
+        with torch.enable_grad():
+            value = surrogate(tree_unflatten(leaves, spec), batch, old)
+            grads = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
+        return value.detach(), fisher.vjp(tree_unflatten(list(grads), spec))
     return flat_grad(
         lambda p: surrogate(_dist(actor, p, batch.obs, batch.masks), batch, old), params
     )
