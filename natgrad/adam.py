@@ -190,7 +190,9 @@ def _check_hyperparameters(lr: Any, betas: Any, eps: Any) -> None:
     beta_pair = tuple(betas) if isinstance(betas, (tuple, list)) else ()
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if len(beta_pair) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in beta_pair):
+    if len(beta_pair) != 2 or not all(
+        isinstance(b, (int, float)) and 0 <= b < 1 for b in beta_pair
+    ):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")

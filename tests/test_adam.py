@@ -91,7 +91,11 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="more than once"):
         p = next(net.parameters())
         Adam([p, p])
-    for kw, match in ((dict(lr=0.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps")):
+    for kw, match in (
+        (dict(lr=0.0), "lr"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(eps=-1.0), "eps"),
+    ):
         with pytest.raises(ValueError, match=match):
             Adam(net.parameters(), **kw)
     opt = Adam(net.parameters())
