@@ -17,6 +17,9 @@
   :class:`OptimizeResult`.
 * :mod:`natgrad.optim`: ``torch.optim`` optimizers HessianFree, NaturalGradient, TrustRegionNewton.
 * :mod:`natgrad.spectral`: Lanczos eigenpairs, SLQ spectral density, Hutchinson/Hutch++ trace.
+* :mod:`natgrad.mlp`: a plain MLP written out (forward, ``J v``, ``Jᵀ u``, the fast Fisher,
+  the flat-buffer fused-Adam trainer); :mod:`natgrad.adam`: :class:`~natgrad.adam.Adam`,
+  ``torch.optim.Adam``'s arithmetic without the ``torch._dynamo`` import.
 
 natgrad knows nothing of reinforcement learning: any model and any loss can use it.
 """
