@@ -25,10 +25,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Adam", "adam_update_", "step_dtype"]
+__all__ = ["Adam", "adam_update_", "step_dtype", "unsupported_options"]
 
 # The flags of torch.optim.Adam's param group that this class cannot honour when set.
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
+
+
+def unsupported_options(group: dict[str, Any]) -> list[str]:
+    """The options set in a ``torch.optim.Adam`` param group that plain Adam (this class,
+    :class:`natgrad.mlp.FlatMLP`) does not compute: flags and weight decay."""
+    bad = [k for k in _UNSUPPORTED if group.get(k)]
+    if group.get("weight_decay", 0.0) or group.get("decoupled_weight_decay"):
+        bad.append("weight_decay")
+    return bad
 
 
 def step_dtype() -> torch.dtype:
@@ -156,9 +165,7 @@ class Adam:
                 f"group of {len(params)}"
             )
         saved = groups[0]
-        bad = [k for k in _UNSUPPORTED if saved.get(k)]
-        if saved.get("weight_decay", 0.0) or saved.get("decoupled_weight_decay"):
-            bad.append("weight_decay")
+        bad = unsupported_options(saved)
         if bad:
             raise ValueError(f"optimizer state uses {bad}, which natgrad.adam.Adam does not do")
         _check_hyperparameters(saved["lr"], saved["betas"], saved["eps"])

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from natgrad.adam import Adam, adam_update_, step_dtype
+from natgrad.adam import Adam, adam_update_, step_dtype, unsupported_options
 from natgrad.curvature import FAMILIES
 
 __all__ = [
@@ -335,7 +335,10 @@ class MLPDistFn:
         inputs: list[Tensor] = []
         with torch.no_grad():
             z = forward(
-                x.reshape(x.shape[0], -1), layers, self.activation, inputs=inputs,
+                x.reshape(x.shape[0], -1),
+                layers,
+                self.activation,
+                inputs=inputs,
                 differentiable=False,
             )
             derivs = _derivatives(inputs, self.activation)
@@ -427,10 +430,7 @@ def adam_options(
         a is not b for a, b in zip(group["params"], params)
     ):
         return None
-    for flag in ("amsgrad", "maximize", "capturable", "differentiable", "fused"):
-        if group.get(flag):
-            return None
-    if group.get("decoupled_weight_decay") or group.get("weight_decay", 0.0) != 0.0:
+    if unsupported_options(group):
         return None
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     if not all(isinstance(x, float) and math.isfinite(x) for x in (lr, beta1, beta2, eps)):
