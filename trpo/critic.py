@@ -152,7 +152,8 @@ def supports_fast_fit(critic: nn.Module, optimizer: CriticOptimizer, obs: Tensor
     """Whether the fused trainer applies: the plain :class:`Critic` (its own forward, a tanh
     MLP of ``nn.Linear`` layers), a plain Adam (``torch.optim`` or :mod:`natgrad.adam`) over
     exactly its parameters (:func:`natgrad.mlp.adam_options`), floating ``obs`` of its dtype
-    and device. Structure checks only; :func:`fit_critic` also compares the forwards numerically once per fit."""
+    and device. Structure checks only; :func:`fit_critic` also compares the forwards
+    numerically once per fit."""
     if not isinstance(critic, Critic) or type(critic).forward is not Critic.forward:
         return False
     layers = list(critic.layers)
