@@ -27,12 +27,15 @@ __all__ = ["KrylovBasis"]
 class KrylovBasis:
     """The vectors ``Q`` (``n × k``) and ``V = MQ`` (``Q`` itself without ``M``).
 
-    Storage grows by doubling up to ``capacity`` columns, so a solve that converges in a
-    few steps never allocates ``n × capacity``.
+    Stored as rows (``k × n``, each vector contiguous), so an append is one copy into a row
+    and a projection two matrix-vector products on contiguous memory: the basis is kept on
+    every operator product, and on small problems its per-call overhead, not its flops,
+    decides the speed. Storage grows by doubling up to ``capacity`` rows, so a solve that
+    converges in a few steps never allocates ``capacity × n``.
 
     Args:
         like: A vector ``(n,)`` giving size, dtype and device.
-        capacity: Most columns ever appended.
+        capacity: Most vectors ever appended.
         preconditioned: Whether ``V`` is kept apart from ``Q``.
     """
 
@@ -40,32 +43,35 @@ class KrylovBasis:
         self.capacity, self.k = capacity, 0
         self.preconditioned = preconditioned
         size = min(capacity, 16)
-        self.Q = like.new_empty(like.shape[0], size)
-        self.V = like.new_empty(like.shape[0], size) if preconditioned else self.Q
+        self._q_rows = like.new_empty(size, like.shape[0])
+        self._v_rows = like.new_empty(size, like.shape[0]) if preconditioned else self._q_rows
 
-    def append(self, q: Tensor, v: Tensor) -> None:
-        """Add ``q`` and ``v = Mq`` (``v`` is ignored without a preconditioner)."""
-        if self.k == self.Q.shape[1]:
-            size = min(2 * self.k, self.capacity)
-            grow = self.Q.new_empty(self.Q.shape[0], size - self.k)
-            self.Q = torch.cat([self.Q, grow], dim=1)
-            self.V = torch.cat([self.V, torch.empty_like(grow)], dim=1) if (
-                self.preconditioned) else self.Q
-        self.Q[:, self.k] = q
+    def _grow(self) -> None:
+        size = min(2 * self.k, self.capacity)
+        grow = self._q_rows.new_empty(size - self.k, self._q_rows.shape[1])
+        self._q_rows = torch.cat([self._q_rows, grow])
+        self._v_rows = torch.cat([self._v_rows, torch.empty_like(grow)]) if (
+            self.preconditioned) else self._q_rows
+
+    def append(self, q: Tensor, v: Tensor, scale: float = 1.0) -> None:
+        """Add ``scale·q`` and ``scale·v`` (``v = Mq``; ignored without a preconditioner)."""
+        if self.k == self._q_rows.shape[0]:
+            self._grow()
+        torch.mul(q, scale, out=self._q_rows[self.k])
         if self.preconditioned:
-            self.V[:, self.k] = v
+            torch.mul(v, scale, out=self._v_rows[self.k])
         self.k += 1
         # The views project_out reads, made once per append rather than once per call.
-        self._Qt = self.Q[:, : self.k].T
-        self._V = self.V[:, : self.k] if self.preconditioned else self._Qt.T
+        self._Qk = self._q_rows[: self.k]
+        self._Vk_t = self._v_rows[: self.k].T
 
     def project_out(self, r: Tensor) -> Tensor:
         """``r − V Qᵀr`` twice: then ``Qᵀr = 0``, so ``M⁻¹r ⟂_M Q``."""
         for _ in range(2):
-            r = torch.addmv(r, self._V, torch.mv(self._Qt, r), alpha=-1.0)
+            r = torch.addmv(r, self._Vk_t, torch.mv(self._Qk, r), alpha=-1.0)
         return r
 
     def combine(self, y: Tensor) -> Tensor:
         """``Q y`` for ``y`` (float64, host) of length ``≤ k``."""
-        Q = self.Q[:, : y.shape[0]]
-        return Q @ y.to(dtype=Q.dtype, device=Q.device)
+        Q_rows = self._q_rows[: y.shape[0]]
+        return Q_rows.T @ y.to(dtype=Q_rows.dtype, device=Q_rows.device)

@@ -292,9 +292,7 @@ def _npc_tau(tau_lo: Tensor, tau_hi: Tensor, dr: Tensor, dq: Tensor) -> Tensor:
 
 def _append_scaled(basis: KrylovBasis, z: Tensor, r: Tensor, rz: float) -> None:
     """Add the residual as ``q = z/√(rᵀz)``, ``Mq = r/√(rᵀz)`` (one vector without ``M``)."""
-    scale = 1.0 / math.sqrt(rz)
-    q = z * scale
-    basis.append(q, r * scale if basis.preconditioned else q)
+    basis.append(z, r, 1.0 / math.sqrt(rz))
 
 
 def _host_loop(matvec, precond, g: Tensor, rad: Tensor, rtol, atol, maxiter,
