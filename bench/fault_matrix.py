@@ -281,7 +281,7 @@ def symlinked_checkpoint_dir(case: Case) -> None:
 
 def symlinked_learning_curve(case: Case) -> None:
     ok(case.train("r"))
-    target, png = victim(case), case.runs / "r" / "learning_curve.png"
+    target, png = victim(case), case.runs / "r" / "learning_curve.svg"
     png.unlink()
     png.symlink_to(target)
     ok(case.resume("r", "--total-steps", "320"))

@@ -221,11 +221,13 @@ def test_item7_learning_curve_replaces_a_link_and_leaves_its_target(tmp_path):
     run_dir = tmp_path / "run"
     with MetricsLogger(run_dir, tensorboard=False) as logger:
         logger.log(10, {"charts/episode_return": 1.0})
-    png = run_dir / "learning_curve.png"
-    target = _planted_link(tmp_path, png)
-    plot_learning_curve(run_dir / "metrics.csv", png)
-    assert target.read_bytes() == b"original"
-    assert not png.is_symlink() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name, magic in (("learning_curve.svg", b"<svg"), ("curve.png", b"\x89PNG\r\n\x1a\n")):
+        chart = run_dir / name
+        (tmp_path / name).mkdir()  # each chart's own victim
+        target = _planted_link(tmp_path / name, chart)
+        plot_learning_curve(run_dir / "metrics.csv", chart)
+        assert target.read_bytes() == b"original"
+        assert not chart.is_symlink() and chart.read_bytes()[: len(magic)] == magic
 
 
 def test_item7_eval_gif_replaces_a_link_and_leaves_its_target(tmp_path):

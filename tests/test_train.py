@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -182,8 +183,8 @@ def test_cli_smoke_run_writes_every_artifact(smoke_run):
     for p in ckpts:
         assert p.with_name(p.name + ".sha256").is_file()
 
-    png = run_dir / "learning_curve.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = ET.parse(run_dir / "learning_curve.svg").getroot()  # well-formed XML
+    assert svg.tag.endswith("svg") and any(e.tag.endswith("polyline") for e in svg.iter())
     if _tensorboard_available():
         events = list((run_dir / TENSORBOARD_DIRNAME).glob("events.out.tfevents.*"))
         assert events and events[0].stat().st_size > 0

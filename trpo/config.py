@@ -266,7 +266,7 @@ class TRPOConfig:
     tensorboard: bool = True
     """Also write TensorBoard events (only if the tensorboard package is installed)."""
     plot: bool = True
-    """Save a learning-curve PNG in the run directory at the end."""
+    """Save a learning-curve SVG (learning_curve.svg) in the run directory at the end."""
     progress: bool = True
     """Show a progress bar (only on an interactive terminal)."""
 

@@ -2,7 +2,7 @@
 destination, and reads that open only regular files.
 
 A run directory may be shared, copied or tampered with, so every artifact (checkpoints and
-their records, ``metrics.csv`` rewrites, ``learning_curve.png``, ``eval.gif``) is written
+their records, ``metrics.csv`` rewrites, ``learning_curve.svg``, ``eval.gif``) is written
 the same way:
 
 1. the bytes go to a fresh temporary file ``.tmp_<name>.<random>`` in the destination's own
@@ -10,7 +10,7 @@ the same way:
    file or link);
 2. it is flushed and ``fsync``ed, then renamed over the destination with ``os.replace``.
    ``rename(2)`` replaces a symbolic link at the destination *by the file*; the link's target
-   is never opened, so a planted ``learning_curve.png -> ~/.bashrc`` cannot redirect a write;
+   is never opened, so a planted ``learning_curve.svg -> ~/.bashrc`` cannot redirect a write;
 3. the directory is ``fsync``ed so that the rename itself survives a power loss.
 
 On any failure the temporary file is removed and :class:`RunDirError` names the path and

@@ -1,5 +1,5 @@
 """Metrics of a run: a CSV (always), TensorBoard events (when installed), a learning curve
-PNG, and a progress bar.
+(SVG, or PNG through matplotlib), and a progress bar.
 
 Metric keys are namespaced and stable (:data:`METRIC_KEYS` documents each one); every row of
 ``metrics.csv`` has a ``global_step`` column (environment steps so far) followed by one
@@ -40,6 +40,7 @@ from trpo.fileio import (
     read_regular_file,
     refuse_symlink,
 )
+from trpo.svg_chart import Series, line_chart_svg
 
 __all__ = [
     "CSV_FILENAME",
@@ -433,32 +434,29 @@ def read_metrics(csv_path: str | os.PathLike[str]) -> dict[str, list[Any]]:
 
 def plot_learning_curve(
     csv_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    png_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
     *,
     x: str = STEP_COLUMN,
     y: str = "charts/episode_return",
     labels: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Plot ``y`` against ``x`` from one or several metrics CSVs (one line each) into a PNG.
+    """Plot ``y`` against ``x`` from one or several metrics CSVs (one line each).
 
-    Uses matplotlib's Agg canvas directly (no pyplot, no display, no global state). Rows
-    where ``y`` is missing or non-finite are skipped; a run without any point is noted in the
-    figure instead of failing, so a short run still gets its PNG.
+    ``out_path`` ending in ``.svg`` is written by :func:`trpo.svg_chart.line_chart_svg`
+    (standard library only: what every run saves); any other suffix (``.png``, ``.pdf``) by
+    matplotlib's Agg canvas (no pyplot, no display, no global state). Rows where ``y`` is
+    missing or non-finite are skipped; a run without any point is noted in the figure
+    instead of failing, so a short run still gets its chart. Written atomically: a link at
+    ``out_path`` is replaced, never followed.
 
     Returns:
-        ``png_path`` as a ``Path``.
+        ``out_path`` as a ``Path``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     paths = [csv_paths] if isinstance(csv_paths, (str, os.PathLike)) else list(csv_paths)
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"labels has {len(labels)} entries for {len(paths)} CSV files")
-    fig = Figure(figsize=(7, 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    empty = []
+    series: list[Series] = []
     for i, path in enumerate(paths):
         cols = read_metrics(path)
         pts = [
@@ -467,34 +465,43 @@ def plot_learning_curve(
             if math.isfinite(a) and math.isfinite(b)
         ]
         label = labels[i] if labels is not None else Path(path).parent.name or str(path)
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=label, linewidth=1.5, marker="." if len(pts) < 30 else None)
-        else:
-            empty.append(label)
-    if empty:
-        ax.text(
-            0.5,
-            0.5,
-            f"no finite {y} yet in: {', '.join(empty)}",
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            wrap=True,
-        )
+        xs, ys = zip(*pts) if pts else ((), ())
+        series.append((label, xs, ys))
+    empty = [label for label, xs, _ in series if not xs]
+    note = f"no finite {y} yet in: {', '.join(empty)}" if empty else None
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.suffix.lower() == ".svg":
+        svg = line_chart_svg(series, title=title or y, xlabel=x, ylabel=y, note=note)
+        atomic_write_bytes(out_path, svg.encode())
+    else:
+        _plot_matplotlib(series, out_path, x=x, y=y, title=title or y, note=note)
+    return out_path
+
+
+def _plot_matplotlib(series: list[Series], out_path: Path, *, x: str, y: str, title: str,
+                     note: str | None) -> None:
+    """The same chart through matplotlib (imported here: only non-SVG charts need it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, xs, ys in series:
+        if xs:
+            ax.plot(xs, ys, label=label, linewidth=1.5, marker="." if len(xs) < 30 else None)
+    if note:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", wrap=True)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
-    ax.set_title(title or y)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if len(paths) > 1 and len(empty) < len(paths):
+    if len(series) > 1 and any(xs for _, xs, _ in series):
         ax.legend(fontsize="small")
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    # Via a temporary file and os.replace: a link at png_path is replaced, never followed.
-    with atomic_writer(png_path) as f:
-        fig.savefig(f, format=png_path.suffix.lstrip(".").lower() or "png")
-    return png_path
+    with atomic_writer(out_path) as f:
+        fig.savefig(f, format=out_path.suffix.lstrip(".").lower() or "png")
 
 
 def _isatty(stream: Any) -> bool:

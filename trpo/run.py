@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     artifacts = ["config.json", "metrics.csv", "checkpoints/"]
     if config.plot:
-        artifacts.append("learning_curve.png")
+        artifacts.append("learning_curve.svg")
     if (result.run_dir / TENSORBOARD_DIRNAME).is_dir():
         artifacts.append(f"{TENSORBOARD_DIRNAME}/")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone wrote them

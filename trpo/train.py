@@ -848,11 +848,11 @@ def _write_failed(run_dir: Path, what: str, error: OSError) -> TrainingError:
 
 
 def _finish(config: TRPOConfig, state: _State, dp: DataParallel) -> TrainResult:
-    """The learning-curve PNG and the final deterministic evaluation (rank 0)."""
+    """The learning-curve SVG and the final deterministic evaluation (rank 0)."""
     run_dir = config.run_dir
     if config.plot and dp.is_main:
         plot_learning_curve(
-            run_dir / "metrics.csv", run_dir / "learning_curve.png", title=config.env_id
+            run_dir / "metrics.csv", run_dir / "learning_curve.svg", title=config.env_id
         )
     if state.obs_rms is not None:
         state.obs_rms.frozen = True
