@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from natgrad.guards import broadcast_shape
+
 __all__ = [
     "FAMILIES",
     "DistParams",
@@ -227,7 +229,7 @@ def kl_divergence(family: str, old_params: DistParams, new_params: DistParams) -
         var_ratio = torch.exp(2.0 * (log_std0 - log_std1))
         mean_term = ((mu0 - mu1) * torch.exp(-log_std1)) ** 2
         per_dim = (log_std1 - log_std0) + 0.5 * (var_ratio + mean_term) - 0.5
-        return per_dim.expand(torch.broadcast_shapes(mu0.shape, mu1.shape)).sum(-1)
+        return per_dim.expand(broadcast_shape(mu0.shape, mu1.shape)).sum(-1)
     if family == "multi_categorical":
         if len(old_params) != len(new_params):
             raise ValueError(

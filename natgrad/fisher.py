@@ -23,6 +23,7 @@ from torch import Tensor
 from natgrad.curvature_operator import CurvatureOperator
 from natgrad.families import FAMILIES  # the families whose closed-form Fisher is known
 from natgrad.gauss_newton import categorical_fisher, gauss_newton_curvature
+from natgrad.guards import broadcasts_to
 
 __all__ = ["FAMILIES", "fisher_operator"]
 
@@ -164,11 +165,7 @@ def _fisher_diag_gaussian(z: Any) -> Callable[[Any], Any]:
         )
     mean, log_std = z
     B = _batch_size(mean, "diag_gaussian mean")
-    try:
-        ok = torch.broadcast_shapes(log_std.shape, mean.shape) == mean.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(log_std.shape, mean.shape):
         raise ValueError(
             f"log_std {tuple(log_std.shape)} must be broadcastable to mean {tuple(mean.shape)} "
             "for family='diag_gaussian'"

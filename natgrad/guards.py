@@ -34,6 +34,8 @@ from torch.utils._pytree import tree_leaves
 from natgrad.backprop import vjp
 
 __all__ = [
+    "broadcast_shape",
+    "broadcasts_to",
     "check_args",
     "check_dependence",
     "check_modules",
@@ -41,6 +43,34 @@ __all__ = [
     "tracked_outputs",
     "translated_errors",
 ]
+
+
+def broadcast_shape(*shapes: tuple[int, ...] | torch.Size) -> torch.Size:
+    """The shape ``shapes`` broadcast to, by numpy's rule (trailing dimensions equal or 1).
+
+    ``torch.broadcast_shapes`` gives the same, but its first call imports
+    ``torch.fx.experimental.symbolic_shapes`` and with it sympy: 0.4-0.7 s per process, a
+    twentieth of a whole Pendulum run (measured in docs/benchmarks.md).
+
+    Raises:
+        ValueError: the shapes do not broadcast.
+    """
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, start=ndim - len(shape)):
+            if size != 1 and out[i] not in (1, size):
+                raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+            out[i] = size if size != 1 else out[i]
+    return torch.Size(out)
+
+
+def broadcasts_to(shape: tuple[int, ...] | torch.Size, target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (as ``Tensor.expand(target)``)."""
+    try:
+        return broadcast_shape(shape, target) == tuple(target)
+    except ValueError:
+        return False
 
 
 def check_args(args: tuple, dtype: torch.dtype, what: str = "args") -> None:

@@ -1,10 +1,13 @@
 """natgrad.guards: each way of breaking a curvature operator fails at construction, with advice."""
 
+import itertools
+
 import pytest
 import torch
 from torch.func import functional_call
 
 from natgrad.curvature import fisher_operator, ggn_operator, hessian_operator
+from natgrad.guards import broadcast_shape, broadcasts_to
 
 DT = torch.float64
 
@@ -115,3 +118,19 @@ def test_guarded_operators_still_match_the_dense_reference():
     for method in ("auto", "forward_over_reverse"):
         op = hessian_operator(loss, PARAMS, X, method=method)
         torch.testing.assert_close(op.to_dense(), dense, rtol=1e-12, atol=1e-14)
+
+
+def test_broadcast_shape_matches_torch_broadcast_shapes():
+    shapes = [(), (1,), (3,), (2, 3), (2, 1), (1, 3), (4, 2, 3), (4, 1, 1), (5,), (0,), (2, 0)]
+    for a, b, c in itertools.product(shapes, repeat=3):
+        try:
+            expected = torch.broadcast_shapes(a, b, c)
+        except RuntimeError:
+            with pytest.raises(ValueError, match="do not broadcast"):
+                broadcast_shape(a, b, c)
+            assert not broadcasts_to(a, b) or torch.broadcast_shapes(a, b) == b
+            continue
+        assert broadcast_shape(a, b, c) == expected
+    assert broadcasts_to((3,), (2, 3)) and broadcasts_to((2, 1), (2, 3))
+    assert not broadcasts_to((2, 3), (3,)) and not broadcasts_to((4,), (2, 3))
+    assert broadcast_shape() == torch.Size([])

@@ -515,3 +515,23 @@ def test_run_names_that_leave_runs_root_are_rejected(tmp_path, name):
     assert "run_name must be None or a directory name" in re.sub(r"[\s│]+", " ", err)
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["runs"]  # nothing written anywhere
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_a_run_imports_none_of_the_slow_modules(tmp_path, env_id):
+    # Each costs 0.4-2 s per process, a tenth of a whole CartPole run: torch._dynamo (any
+    # torch.optim optimizer, torch.func's transforms), sympy (torch.broadcast_shapes) and
+    # matplotlib (the learning curve is an SVG). A short run with every phase: critic fit,
+    # policy step (categorical and Gaussian Fisher), checkpoint, plot, evaluation. In a fresh
+    # interpreter: pytest's own imports differ.
+    code = (
+        "import sys\n"
+        "from trpo import config_for, train\n"
+        f"train(config_for({env_id!r}, total_steps=256, n_steps=128, eval_episodes=1,"
+        f" progress=False, runs_root={str(tmp_path)!r}))\n"
+        "slow = [m for m in ('torch._dynamo', 'sympy', 'matplotlib') if m in sys.modules]\n"
+        "assert not slow, f'imported: {slow}'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(tmp_path.glob("*/learning_curve.svg"))

@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from natgrad.families import DistParams
+from natgrad.guards import broadcasts_to
 from trpo.policy import action_family
 
 __all__ = ["ModuleActor", "ModuleCritic", "ModuleProtocolError", "check_user_modules", "load_factory"]
@@ -135,7 +136,7 @@ class ModuleActor(nn.Module):
             ok = _is_batch(out, d) or (
                 isinstance(out, (tuple, list)) and len(out) == 2 and _is_batch(out[0], d)
                 and isinstance(out[1], Tensor)
-                and torch.broadcast_shapes(out[1].shape, (2, d)) == (2, d)
+                and broadcasts_to(out[1].shape, (2, d))
             )
             want = f"the mean (B, {d}), or (mean (B, {d}), log_std (d,) or (B, {d}))"
         elif fam == "multi_categorical":
