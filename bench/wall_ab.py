@@ -7,8 +7,10 @@ otherwise idle machine; wall = the whole process (imports, envs, training, plot,
     git worktree add /tmp/base 68ca2e3
     python bench/wall_ab.py --base /tmp/base --env CartPole-v1 --rounds 5
 
-Prints one line per run and the medians, with the deterministic evaluation return of each
-side (a speed-up that changed the result would show there).
+Prints one line per run with the deterministic evaluation return of each side (a speed-up
+that changed the result would show there), the medians, each round's own ratio (base then
+this, back to back: the least exposed to the machine's drift) and the ratio of the fastest
+runs.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def main() -> None:
                 print(f"round {r} {side:4s} {wall:6.2f} s  eval return {ret}", flush=True)
     base, this = statistics.median(walls["base"]), statistics.median(walls["this"])
     print(f"{args.env}: median base {base:.2f} s, this {this:.2f} s, speed-up {base / this:.2f}x")
+    # The machine's speed drifts within minutes: each round's own ratio, and their median.
+    ratios = [b / t for b, t in zip(walls["base"], walls["this"])]
+    print(f"{args.env}: per-round speed-ups {' '.join(f'{r:.2f}' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x, min-time ratio "
+          f"{min(walls['base']) / min(walls['this']):.2f}x")
 
 
 if __name__ == "__main__":
