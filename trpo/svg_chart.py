@@ -41,9 +41,8 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
     """
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise ValueError(f"need finite lo <= hi, got {lo}, {hi}")
-    if lo == hi:
-        pad = abs(lo) * 0.05 or 1.0
-        lo, hi = lo - pad, hi + pad
+    if lo == hi:  # one value: widened as an axis of one value is
+        lo, hi = axis_range((lo,), 0.0)
     raw = (hi - lo) / max(target - 1, 1)
     magnitude = 10.0 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
