@@ -109,7 +109,13 @@ def _flat(module: torch.nn.Module) -> torch.Tensor:
 
 # ------------------------------------------------------------------ the spawned ranks
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
-    """One rank: run every case on its shard, save what it computed for the parent."""
+    """One rank: run every case on its shard, save what it computed for the parent.
+
+    The rank's stderr goes to ``rank{rank}.stderr`` so that a crash in C++ (a signal, no
+    Python traceback) still leaves its message for the fixture to report.
+    """
+    log = open(Path(out_dir) / f"rank{rank}.stderr", "w")  # noqa: SIM115 (held to the exit)
+    os.dup2(log.fileno(), 2)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     dp = DataParallel(rank=rank, world_size=world)
@@ -199,12 +205,37 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _rank_logs(out_dir: Path) -> str:
+    return "\n".join(
+        f"--- rank {r} stderr:\n{(out_dir / f'rank{r}.stderr').read_text()[-3000:]}"
+        for r in range(2)
+        if (out_dir / f"rank{r}.stderr").exists()
+    )
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    """What each of the two ranks computed (one spawn for every exactness test)."""
-    tmp = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(2, str(tmp / "store"), str(tmp)), nprocs=2, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    """What each of the two ranks computed (one spawn for every exactness test).
+
+    A rank killed by a signal is spawned once more, in a fresh directory: gloo's TCP
+    transport can abort a process while the pairs connect (SIGABRT thrown from its listener
+    thread, pytorch/pytorch#188266), which says nothing about the code under test. A Python
+    exception in a rank, or a second signal, fails every test with both ranks' stderr.
+    """
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp(f"ranks{attempt}")
+        try:
+            mp.spawn(_worker, args=(2, str(out / "store"), str(out)), nprocs=2, join=True)
+            return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        except mp.ProcessExitedException as e:
+            if e.signal_name is None or attempt == 1:
+                raise RuntimeError(f"{e}\n{_rank_logs(out)}") from e
+            print(
+                f"rank {e.error_index} died of {e.signal_name}; spawning again\n{_rank_logs(out)}"
+            )
+        except mp.ProcessRaisedException as e:
+            raise RuntimeError(f"{e}\n{_rank_logs(out)}") from e
+    raise AssertionError("unreachable")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
