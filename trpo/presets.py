@@ -99,14 +99,15 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 
 BACKEND_PRESETS: Mapping[tuple[str, str], Mapping[str, Any]] = MappingProxyType(
     {
-        # envpool steps 16 envs on 2 threads at ~1.8x gymnasium's 2 (docs/envpool.md); with
-        # twice the batch per update, the update runs half as often and the Fisher is taken
-        # on a quarter of it, so the rollout is again most of the time. That leaves the
-        # critic a quarter of the gymnasium preset's Adam steps per env step, hence twice its
-        # learning rate: 1M mean over seeds 1-5 3,384 against 3,122 at 1e-3, no seed below
-        # 2,900 (docs/benchmarks.md, "Hopper-v5 on envpool").
+        # envpool steps 8 envs on 2 threads at ~1.6x gymnasium's 2 (docs/envpool.md). The
+        # batch is the gymnasium preset's 2,048, so the policy is updated as often per env
+        # step (16 envs, a 4,096 batch, learned a third as much by 100k steps); the update is
+        # trimmed to keep 1M steps under 120 s: the Fisher on a quarter of the batch and 10
+        # critic epochs of 256 at twice the learning rate. 1M: 3,465 mean over seeds 1-3
+        # (16 envs: 3,119); 100k: 1,533 (16 envs: 545); 117 s against 104 s
+        # (docs/benchmarks.md, "Issue 12, fourth pass").
         ("Hopper-v5", "envpool"): MappingProxyType(
-            dict(n_envs=16, n_steps=256, critic_epochs=10, critic_minibatch_size=256,
+            dict(n_envs=8, n_steps=256, critic_epochs=10, critic_minibatch_size=256,
                  critic_lr=2e-3, fvp_fraction=0.25)
         ),
     }
