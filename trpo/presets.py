@@ -97,19 +97,22 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 """Per-env overrides of the :class:`TRPOConfig` defaults, applied by :func:`config_for`."""
 
 
+# envpool steps 8 envs on 2 threads at ~1.6x gymnasium's 2 (docs/envpool.md). The batch is
+# the gymnasium preset's 2,048, so the policy is updated as often per env step (16 envs, a
+# 4,096 batch, learned a third as much by 100k steps on Hopper); the update is trimmed to keep
+# 1M steps near 2 minutes: the Fisher on a quarter of the batch and 10 critic epochs of 256 at
+# twice the learning rate. Hopper 1M: 3,461 mean over seeds 1-5 in 112-120 s; 100k: 1,817
+# (docs/benchmarks.md, "Issue 12, fourth pass", which also has HalfCheetah and Walker2d).
+_ENVPOOL_MUJOCO: Mapping[str, Any] = MappingProxyType(
+    dict(n_envs=8, n_steps=256, critic_epochs=10, critic_minibatch_size=256, critic_lr=2e-3,
+         fvp_fraction=0.25)
+)
+
 BACKEND_PRESETS: Mapping[tuple[str, str], Mapping[str, Any]] = MappingProxyType(
     {
-        # envpool steps 8 envs on 2 threads at ~1.6x gymnasium's 2 (docs/envpool.md). The
-        # batch is the gymnasium preset's 2,048, so the policy is updated as often per env
-        # step (16 envs, a 4,096 batch, learned a third as much by 100k steps); the update is
-        # trimmed to keep 1M steps under 120 s: the Fisher on a quarter of the batch and 10
-        # critic epochs of 256 at twice the learning rate. 1M: 3,465 mean over seeds 1-3
-        # (16 envs: 3,119); 100k: 1,533 (16 envs: 545); 117 s against 104 s
-        # (docs/benchmarks.md, "Issue 12, fourth pass").
-        ("Hopper-v5", "envpool"): MappingProxyType(
-            dict(n_envs=8, n_steps=256, critic_epochs=10, critic_minibatch_size=256,
-                 critic_lr=2e-3, fvp_fraction=0.25)
-        ),
+        ("Hopper-v5", "envpool"): _ENVPOOL_MUJOCO,
+        ("HalfCheetah-v5", "envpool"): _ENVPOOL_MUJOCO,
+        ("Walker2d-v5", "envpool"): _ENVPOOL_MUJOCO,
     }
 )
 """Overrides of ``PRESETS[env_id]`` for one ``(env_id, env_backend)``: each backend's best
