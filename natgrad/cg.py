@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from natgrad.cg_loops import CODE, CGIterate, Run, block_cg, fixed_vector_cg, vector_cg
 from natgrad.matvec import as_matvec, check_damping, damp, same_device
@@ -338,8 +339,16 @@ class CG:
 
 
 def _host_reads_are_free(b: Tensor) -> bool:
-    """One real vector on the CPU: reading a scalar back costs no device sync."""
-    return b.ndim == 1 and b.device.type == "cpu" and not b.is_complex()
+    """One real vector on the CPU, computed eagerly: reading a scalar back costs no device
+    sync and breaks nothing (no dispatch mode, e.g. :class:`natgrad.cuda_graph.NoHostSync`
+    or a tracing mode, and no ``torch.func`` transform is active)."""
+    return (
+        b.ndim == 1
+        and b.device.type == "cpu"
+        and not b.is_complex()
+        and not is_in_torch_dispatch_mode()
+        and not torch._C._are_functorch_transforms_active()
+    )
 
 
 def _check_rhs(b: Any, x0: Any, b_name: str, check_finite: bool) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from natgrad.cg import CG
 from natgrad.cg_loops import CODE, block_cg, fixed_vector_cg
+from natgrad.cuda_graph import NoHostSync
 
 
 def _spd(n: int, dtype: torch.dtype, seed: int, cond: float = 1e3) -> torch.Tensor:
@@ -117,4 +118,6 @@ def test_solve_uses_the_fast_path_only_where_it_applies(monkeypatch):
         lambda: CG(rtol=1e-8, maxiter=10).solve(A, b),  # tolerance mode
     ):
         other()
+    with NoHostSync():  # recording a CUDA graph, or checking that nothing syncs
+        assert torch.equal(fixed.solve(A, b).x, x)
     assert used == [True]
