@@ -10,8 +10,9 @@
 * :func:`fixed_vector_cg`: :func:`block_cg`'s fixed-iteration loop for one CPU vector, where
   a host read is free: the same tensor operations in the same order (so the same bits), the
   masks replaced by Python checks. ~40 instead of ~225 µs per iteration besides the operator
-  (n = 5,126, float32, one thread: ``python bench/cg_overhead.py --fixed``). It gives up (``None``) at the first iteration that is not an
-  ordinary step; :meth:`natgrad.cg.CG.solve` then runs :func:`block_cg` from the start.
+  (n = 5,126, float32, one thread: ``python bench/cg_overhead.py --fixed``). It gives up
+  (``None``) at the first iteration that is not an ordinary step; :meth:`natgrad.cg.CG.solve`
+  then runs :func:`block_cg` from the start.
 
 Both stop a column when ``‖r‖ ≤ stop = max(tol, ε·‖b‖)`` (``ε`` the dtype's machine
 epsilon: below it the recursive residual is rounding noise) and treat ``pᴴAp = 0`` with
